@@ -1,0 +1,191 @@
+//! HTTP API v1: routing, middleware (request ids, authentication,
+//! idempotency, access log), DTOs and handlers. Handlers translate between
+//! JSON and the service layer and nothing else.
+
+mod cards;
+mod customers;
+pub mod error;
+mod extract;
+mod idempotency;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+pub use error::ApiError;
+
+use crate::config::Limits;
+use crate::domain::{is_valid_id, new_id};
+use crate::service::{Context, ServiceError, Vault};
+use crate::storage::ApiKeyKind;
+
+/// The peer address of a connection, put into each request's extensions by
+/// the server.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub limits: Arc<Limits>,
+}
+
+/// The full application router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/customers", post(customers::create).get(customers::list))
+        .route(
+            "/v1/customers/{customer}",
+            get(customers::get)
+                .patch(customers::update)
+                .delete(customers::delete),
+        )
+        .route(
+            "/v1/customers/{customer}/cards",
+            post(cards::create).get(cards::list),
+        )
+        .route(
+            "/v1/customers/{customer}/cards/{card}",
+            get(cards::get).patch(cards::update).delete(cards::delete),
+        )
+        .route("/v1/cards/{card}/reveal", post(cards::reveal))
+        .route_layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "route_not_found",
+        "no such route",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// Gives every request an id (`Request-Id` header, error bodies, logs) and
+/// writes one access-log line without query strings or bodies.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = new_id("req");
+    let method = req.method().clone();
+    // The path holds object ids only; query strings (e.g. an email search)
+    // and bodies are never logged.
+    let path = req.uri().path().chars().take(200).collect::<String>();
+    let started = Instant::now();
+    let mut resp = error::REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("request-id", v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    tracing::info!(
+        request_id = %id,
+        %method,
+        %path,
+        status = resp.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+/// Resolves the bearer secret key into a [`Context`]. Publishable keys are
+/// refused on these routes.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+        return ApiError::unauthenticated(
+            "missing API key: send Authorization: Bearer sk_…",
+        )
+        .into_response();
+    };
+    let principal = match state.vault.authenticate(presented).await {
+        Ok(p) => p,
+        Err(ServiceError::Unauthenticated) => {
+            return ApiError::unauthenticated("invalid API key").into_response()
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if principal.kind != ApiKeyKind::Secret {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "secret_key_required",
+            "this route needs a secret key (sk_…); publishable keys may only create tokens",
+        )
+        .into_response();
+    }
+    let origin = req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_string());
+    req.extensions_mut().insert(Context {
+        principal,
+        origin,
+        request_id: error::current_request_id(),
+    });
+    next.run(req).await
+}
+
+/// Validates an id from the path; a malformed one is simply not found.
+pub(crate) fn path_id(prefix: &str, value: &str, what: &str, param: &str) -> Result<(), ApiError> {
+    if is_valid_id(prefix, value) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(what).with_param(param))
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (db, hsm) = state.vault.readiness().await;
+    let ok = db.is_ok() && hsm.is_ok();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if let Err(e) = &db {
+        tracing::warn!(error = %e, "readiness: database down");
+    }
+    if let Err(e) = &hsm {
+        tracing::warn!(error = %e, "readiness: hsm down");
+    }
+    let word = |r: &Result<(), String>| if r.is_ok() { "up" } else { "down" };
+    (
+        status,
+        Json(serde_json::json!({
+            "status": if ok { "ready" } else { "unavailable" },
+            "database": word(&db),
+            "hsm": word(&hsm),
+        })),
+    )
+        .into_response()
+}

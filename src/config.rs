@@ -1,0 +1,373 @@
+//! Configuration: a TOML file (`--config`) with `CARDVAULT_*` environment
+//! overrides, validated once at start-up. Insecure settings are refused here,
+//! not warned about.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::crypto::CryptoMode;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("refused: {0}")]
+    Insecure(String),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Development mode: creates a SoftHSM token and a self-signed
+    /// certificate under `data_dir` when they are missing.
+    pub dev: bool,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// `sqlite://…` (default: `<data_dir>/cardvault.db`) or `postgres://…`.
+    pub database_url: Option<String>,
+    pub db_max_connections: u32,
+    pub tls: TlsConfig,
+    pub hsm: HsmConfig,
+    pub crypto: CryptoConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (default in dev mode: `<data_dir>/tls/cert.pem`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (default in dev mode: `<data_dir>/tls/key.pem`).
+    pub key: Option<PathBuf>,
+    /// `"1.2"` or `"1.3"`; anything older is refused.
+    pub min_version: String,
+    /// PEM bundle of client CAs: when set, clients must present a
+    /// certificate signed by one of them (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HsmConfig {
+    /// PKCS#11 module (default: SoftHSM's, in dev mode).
+    pub module: Option<PathBuf>,
+    pub token_label: String,
+    /// File holding the user PIN. The PIN may also come from the
+    /// `CARDVAULT_HSM_PIN` environment variable; never from argv.
+    pub pin_file: Option<PathBuf>,
+    pub max_sessions: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CryptoConfig {
+    pub mode: CryptoMode,
+    pub kek_label: String,
+    /// Seals per data key before a new version is made (SP 800-38D caps
+    /// random-IV GCM at 2^32).
+    pub seal_limit: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub header_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `cardvault=debug`.
+    pub level: String,
+    /// `json` or `text`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dev: false,
+            data_dir: PathBuf::from("./data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            database_url: None,
+            db_max_connections: 16,
+            tls: TlsConfig::default(),
+            hsm: HsmConfig::default(),
+            crypto: CryptoConfig::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            min_version: "1.2".to_string(),
+            client_ca: None,
+        }
+    }
+}
+
+impl Default for HsmConfig {
+    fn default() -> Self {
+        HsmConfig {
+            module: None,
+            token_label: "cardvault".to_string(),
+            pin_file: None,
+            max_sessions: 16,
+        }
+    }
+}
+
+impl Default for CryptoConfig {
+    fn default() -> Self {
+        CryptoConfig {
+            mode: CryptoMode::Envelope,
+            kek_label: "cardvault-kek-v1".to_string(),
+            seal_limit: crate::crypto::DEFAULT_SEAL_LIMIT,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024,
+            max_connections: 4096,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            format: "text".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the defaults, in dev mode, when there is none),
+    /// applies `CARDVAULT_*` overrides and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message: e.message().to_string(),
+                })?
+            }
+            // No configuration at all: the embedded development default.
+            None => Config {
+                dev: true,
+                ..Config::default()
+            },
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies `CARDVAULT_*` overrides read through `get`.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                message: e.to_string(),
+            })
+        }
+        if let Some(v) = get("CARDVAULT_DEV") {
+            self.dev = parse::<bool>("CARDVAULT_DEV", &v)?;
+        }
+        if let Some(v) = get("CARDVAULT_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("CARDVAULT_LISTEN") {
+            self.listen = parse("CARDVAULT_LISTEN", &v)?;
+        }
+        if let Some(v) = get("CARDVAULT_DATABASE_URL") {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = get("CARDVAULT_DB_MAX_CONNECTIONS") {
+            self.db_max_connections = parse("CARDVAULT_DB_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = get("CARDVAULT_CRYPTO_MODE") {
+            self.crypto.mode = parse("CARDVAULT_CRYPTO_MODE", &v)?;
+        }
+        if let Some(v) = get("CARDVAULT_HSM_MODULE") {
+            self.hsm.module = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CARDVAULT_HSM_TOKEN_LABEL") {
+            self.hsm.token_label = v;
+        }
+        if let Some(v) = get("CARDVAULT_HSM_PIN_FILE") {
+            self.hsm.pin_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CARDVAULT_TLS_CERT") {
+            self.tls.cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CARDVAULT_TLS_KEY") {
+            self.tls.key = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CARDVAULT_LOG") {
+            self.log.level = v;
+        }
+        if let Some(v) = get("CARDVAULT_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        Ok(())
+    }
+
+    /// Refuses insecure or inconsistent settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.tls.min_version.as_str() {
+            "1.2" | "1.3" => {}
+            other => {
+                return Err(ConfigError::Insecure(format!(
+                    "tls.min_version {other:?}: only \"1.2\" and \"1.3\" are allowed"
+                )))
+            }
+        }
+        if !self.dev && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return Err(ConfigError::Insecure(
+                "tls.cert and tls.key are required outside dev mode (plain HTTP is not offered)"
+                    .to_string(),
+            ));
+        }
+        if !self.dev && self.hsm.module.is_none() {
+            return Err(ConfigError::Invalid(
+                "hsm.module is required outside dev mode".to_string(),
+            ));
+        }
+        if self.hsm.token_label.is_empty() || self.hsm.token_label.len() > 32 {
+            return Err(ConfigError::Invalid(
+                "hsm.token_label must have 1 to 32 characters".to_string(),
+            ));
+        }
+        if self.hsm.max_sessions == 0 || self.db_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "hsm.max_sessions and db_max_connections must be at least 1".to_string(),
+            ));
+        }
+        if self.crypto.seal_limit == 0 || self.crypto.seal_limit > crate::crypto::DEFAULT_SEAL_LIMIT
+        {
+            return Err(ConfigError::Insecure(
+                "crypto.seal_limit must be between 1 and 2^32 (NIST SP 800-38D)".to_string(),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            return Err(ConfigError::Invalid(
+                "log.format must be \"json\" or \"text\"".to_string(),
+            ));
+        }
+        if self.limits.max_body_bytes < 1024 || self.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_body_bytes must be at least 1024 and max_connections at least 1"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("cardvault.db").display())
+        })
+    }
+
+    pub fn tls_cert_path(&self) -> PathBuf {
+        self.tls
+            .cert
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tls").join("cert.pem"))
+    }
+
+    pub fn tls_key_path(&self) -> PathBuf {
+        self.tls
+            .key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tls").join("key.pem"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn old_tls_is_refused() {
+        let mut c = Config {
+            dev: true,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.tls.min_version = "1.1".to_string();
+        assert!(matches!(c.validate(), Err(ConfigError::Insecure(_))));
+    }
+
+    #[test]
+    fn production_needs_certificates_and_module() {
+        let c = Config::default();
+        assert!(matches!(c.validate(), Err(ConfigError::Insecure(_))));
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "CARDVAULT_CRYPTO_MODE" => Some("hsm".to_string()),
+            "CARDVAULT_LISTEN" => Some("127.0.0.1:9000".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.crypto.mode, CryptoMode::Hsm);
+        assert_eq!(c.listen.port(), 9000);
+        let bad = c.apply_env(|k| (k == "CARDVAULT_CRYPTO_MODE").then(|| "plain".to_string()));
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("listn = \"x\"").is_err());
+        let c: Config = toml::from_str("[crypto]\nmode = \"hsm\"\n").unwrap();
+        assert_eq!(c.crypto.mode, CryptoMode::Hsm);
+    }
+}

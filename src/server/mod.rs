@@ -1,0 +1,201 @@
+//! The composition root and the TLS server: [`Application::build`] wires HSM,
+//! storage, keyring, service and router together and binds the listener;
+//! [`Application::run_until_stopped`] serves until the shutdown future
+//! resolves, then lets in-flight requests finish.
+
+pub mod bootstrap;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::api::{self, AppState, PeerAddr};
+use crate::config::{Config, Limits};
+use crate::service::Vault;
+
+/// A built, bound, not yet serving vault.
+pub struct Application {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    limits: Arc<Limits>,
+    vault: Arc<Vault>,
+}
+
+impl Application {
+    /// Builds every component from `cfg` and binds the listen address (port
+    /// 0 picks a free port; see [`Application::local_addr`]).
+    pub async fn build(cfg: Config) -> anyhow::Result<Application> {
+        let vault = bootstrap::vault(&cfg).await?;
+        Self::build_with_vault(cfg, vault).await
+    }
+
+    /// Like [`Application::build`] around an already wired vault (tests use
+    /// it to bring their own HSM token).
+    pub async fn build_with_vault(cfg: Config, vault: Vault) -> anyhow::Result<Application> {
+        let vault = Arc::new(vault);
+        if cfg.dev && cfg.tls.cert.is_none() {
+            tls::ensure_dev_certificate(&cfg.tls_cert_path(), &cfg.tls_key_path())?;
+        }
+        let tls = tls::server_config(&cfg)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("bind {}", cfg.listen))?;
+        let limits = Arc::new(cfg.limits.clone());
+        let router = api::router(AppState {
+            vault: Arc::clone(&vault),
+            limits: Arc::clone(&limits),
+        });
+        Ok(Application {
+            listener,
+            acceptor: TlsAcceptor::from(tls),
+            router,
+            limits,
+            vault,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, lets open
+    /// requests finish (up to the configured grace period) and returns.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            acceptor,
+            router,
+            limits,
+            vault: _,
+        } = self;
+        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off, keep going.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!("connection limit reached; refusing a connection");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            let limits = Arc::clone(&limits);
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let handshake = Duration::from_secs(limits.header_timeout_secs);
+                let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let idle = Some(Duration::from_secs(limits.idle_timeout_secs));
+                let mut io = tokio_io_timeout::TimeoutStream::new(tls);
+                io.set_read_timeout(idle);
+                io.set_write_timeout(idle);
+                let io = TokioIo::new(Box::pin(io));
+                let request_timeout = Duration::from_secs(limits.request_timeout_secs);
+                let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    let router = router.clone();
+                    async move {
+                        let resp = tokio::time::timeout(
+                            request_timeout,
+                            router.oneshot(req.map(axum::body::Body::new)),
+                        )
+                        .await;
+                        match resp {
+                            Ok(r) => r,
+                            Err(_) => Ok(axum::response::IntoResponse::into_response(
+                                api::ApiError::new(
+                                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                    "api_error",
+                                    "timeout",
+                                    "the request took too long; retry",
+                                ),
+                            )),
+                        }
+                    }
+                });
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(handshake)
+                    .keep_alive(true);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(256)
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20));
+                let conn = builder.serve_connection(io, service);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        let grace = Duration::from_secs(limits.shutdown_grace_secs);
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

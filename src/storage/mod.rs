@@ -1,0 +1,387 @@
+//! Storage: one trait per aggregate, implemented for SQLite (`sqlite.rs`) and
+//! PostgreSQL (`postgres.rs`). Backend SQL lives only in those files.
+//!
+//! Every method is one atomic unit: where a change must be recorded in the
+//! audit log, the entry is passed in and appended in the same transaction, so
+//! a change is never visible without its audit record (and vice versa).
+//! Records hold only ciphertext and non-sensitive metadata; no type here can
+//! carry a plaintext PAN.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+mod common;
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+pub use postgres::PgStorage;
+pub use sqlite::SqliteStorage;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database cannot be reached or the pool timed out: retryable (503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness constraint was violated (e.g. duplicate id or fingerprint).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The row addressed does not exist (or belongs to another merchant).
+    #[error("not found")]
+    NotFound,
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MerchantRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiKeyKind {
+    Secret,
+    Publishable,
+}
+
+impl ApiKeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyKind::Secret => "secret",
+            ApiKeyKind::Publishable => "publishable",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "secret" => Some(ApiKeyKind::Secret),
+            "publishable" => Some(ApiKeyKind::Publishable),
+            _ => None,
+        }
+    }
+}
+
+/// An API key as stored: only a SHA-256 hash of the full key string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// `key_…`, safe to log and to show auditors.
+    pub id: String,
+    pub merchant_id: String,
+    pub kind: ApiKeyKind,
+    /// SHA-256 of the whole key string (`sk_live_…`). Keys carry 256 bits of
+    /// randomness, so an unsalted hash is not brute-forceable.
+    pub hash: [u8; 32],
+    /// e.g. `["cards:reveal"]`.
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Document {
+    #[serde(rename = "type")]
+    pub doc_type: String,
+    pub number: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Address {
+    pub line1: Option<String>,
+    pub line2: Option<String>,
+    pub city: Option<String>,
+    pub state: Option<String>,
+    pub postal_code: Option<String>,
+    pub country: Option<String>,
+}
+
+pub type Metadata = std::collections::BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CustomerRecord {
+    pub id: String,
+    pub merchant_id: String,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub document: Option<Document>,
+    pub billing_address: Option<Address>,
+    pub metadata: Metadata,
+    pub default_card_id: Option<String>,
+    pub created_at: i64,
+}
+
+/// A saved card: ciphertext plus the metadata the API may show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardRecord {
+    pub id: String,
+    pub merchant_id: String,
+    pub customer_id: String,
+    /// Sealed record (see `crypto::seal`); opens only for this merchant, this
+    /// card id and the data key `dek_id`.
+    pub pan_ciphertext: Vec<u8>,
+    pub dek_id: String,
+    /// Keyed HMAC-SHA256 of the PAN under the merchant's fingerprint key.
+    pub fingerprint: Vec<u8>,
+    pub bin: String,
+    pub last4: String,
+    pub pan_length: i64,
+    pub brand: String,
+    pub funding: String,
+    pub exp_month: i64,
+    pub exp_year: i64,
+    pub holder_name: Option<String>,
+    pub alias: Option<String>,
+    pub status: String,
+    pub created_at: i64,
+}
+
+/// Fields of a card a merchant may change. `None` leaves a field as it is;
+/// `Some(None)` clears an optional one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CardUpdate {
+    pub alias: Option<Option<String>>,
+    pub holder_name: Option<Option<String>>,
+    pub exp_month: Option<i64>,
+    pub exp_year: Option<i64>,
+    pub make_default: bool,
+}
+
+/// Fields of a customer a merchant may change (same conventions as
+/// [`CardUpdate`]). `metadata` replaces the whole map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerUpdate {
+    pub email: Option<String>,
+    pub first_name: Option<Option<String>>,
+    pub last_name: Option<Option<String>>,
+    pub phone: Option<Option<String>>,
+    pub document: Option<Option<Document>>,
+    pub billing_address: Option<Option<Address>>,
+    pub metadata: Option<Metadata>,
+}
+
+/// A data key as stored: wrapped under an HSM key, or (in `hsm` mode) only a
+/// reference to an HSM key object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataKeyRecord {
+    /// `dek_…`
+    pub id: String,
+    /// `None` for system keys (volatile, audit) wrapped by the global KEK.
+    pub merchant_id: Option<String>,
+    /// `pan`, `fingerprint`, `volatile`, `audit`.
+    pub purpose: String,
+    pub version: i64,
+    /// `envelope` or `hsm`.
+    pub mode: String,
+    /// Wrapped key bytes (`iv ‖ ciphertext ‖ tag` under `wrapping_label`);
+    /// `None` in `hsm` mode, where the key never leaves the HSM.
+    pub wrapped: Option<Vec<u8>>,
+    /// Label of the HSM key that wraps it (envelope) or that *is* it (hsm).
+    pub wrapping_label: String,
+    /// Seals reserved so far against the usage limit: the in-memory counter
+    /// reserves blocks ahead, so a crash can only waste, never reuse, budget.
+    pub seals_reserved: i64,
+    pub created_at: i64,
+    pub retired_at: Option<i64>,
+}
+
+/// One audit-log entry. Never holds a PAN, CVV or secret: last4 and ids only.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AuditEntry {
+    pub at: i64,
+    /// API key id (`key_…`) or `operator`/`system`.
+    pub actor: String,
+    pub merchant_id: Option<String>,
+    /// e.g. `card.reveal`, `card.create`, `card.delete`, `customer.delete`.
+    pub event: String,
+    pub resource: Option<String>,
+    /// `success` / `denied` / `failure`.
+    pub outcome: String,
+    pub origin: Option<String>,
+    pub request_id: Option<String>,
+    /// Free text without secrets, e.g. `last4=4242`.
+    pub detail: Option<String>,
+}
+
+/// A stored audit entry with its sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub entry: AuditEntry,
+}
+
+/// Result of claiming an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// Nobody used the key yet; it is now held by this request.
+    Claimed,
+    /// The key was used before and completed: replay this response.
+    Completed {
+        request_hash: [u8; 32],
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// Another request with this key is still in flight (or used another body).
+    InFlight { request_hash: [u8; 32] },
+}
+
+/// A page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
+
+#[async_trait]
+pub trait MerchantStore: Send + Sync {
+    /// Creates a merchant with its initial API keys (one transaction).
+    async fn create_merchant(
+        &self,
+        merchant: &MerchantRecord,
+        keys: &[ApiKeyRecord],
+        audit: &AuditEntry,
+    ) -> StorageResult<()>;
+    async fn get_merchant(&self, id: &str) -> StorageResult<Option<MerchantRecord>>;
+    /// Finds a non-revoked API key by hash.
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StorageResult<Option<ApiKeyRecord>>;
+    /// Records a use of the key (best effort; callers may batch).
+    async fn touch_api_key(&self, id: &str, at: i64) -> StorageResult<()>;
+}
+
+#[async_trait]
+pub trait CustomerStore: Send + Sync {
+    async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()>;
+    async fn get_customer(&self, merchant_id: &str, id: &str)
+        -> StorageResult<Option<CustomerRecord>>;
+    /// Applies the update; `NotFound` when the customer is not the merchant's.
+    async fn update_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        update: &CustomerUpdate,
+    ) -> StorageResult<CustomerRecord>;
+    /// Deletes the customer and all its cards (ciphertext included), recording
+    /// `audit` plus one entry per deleted card built by `card_audit`.
+    async fn delete_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        audit: &AuditEntry,
+        card_audit: &(dyn for<'c> Fn(&'c CardRecord) -> AuditEntry + Send + Sync),
+    ) -> StorageResult<()>;
+    /// Newest first. `starting_after` is a customer id of this merchant (a
+    /// cursor from a previous page); an unknown cursor is `NotFound`.
+    async fn list_customers(
+        &self,
+        merchant_id: &str,
+        email: Option<&str>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StorageResult<Page<CustomerRecord>>;
+}
+
+/// Outcome of inserting a card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CardInsert {
+    /// Inserted; `default` tells whether it became the customer's default.
+    Created { default: bool },
+    /// The customer already has a card with this fingerprint: that one.
+    Existing(CardRecord),
+}
+
+#[async_trait]
+pub trait CardStore: Send + Sync {
+    /// Inserts the card unless the customer already has one with the same
+    /// fingerprint; the first card of a customer becomes its default. The
+    /// customer must exist for that merchant (`NotFound` otherwise).
+    async fn insert_card(&self, card: &CardRecord, audit: &AuditEntry)
+        -> StorageResult<CardInsert>;
+    async fn get_card(&self, merchant_id: &str, card_id: &str) -> StorageResult<Option<CardRecord>>;
+    /// Cards of a customer, oldest first.
+    async fn list_cards(&self, merchant_id: &str, customer_id: &str)
+        -> StorageResult<Vec<CardRecord>>;
+    async fn update_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        update: &CardUpdate,
+    ) -> StorageResult<CardRecord>;
+    /// Deletes the card and its ciphertext; when it was the default, the
+    /// customer's newest remaining card becomes the default.
+    async fn delete_card(&self, merchant_id: &str, card_id: &str, audit: &AuditEntry)
+        -> StorageResult<()>;
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()>;
+    async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>>;
+    /// The newest non-retired key for (merchant, purpose).
+    async fn current_data_key(
+        &self,
+        merchant_id: Option<&str>,
+        purpose: &str,
+    ) -> StorageResult<Option<DataKeyRecord>>;
+    /// Atomically adds `block` to `seals_reserved` and returns the new total.
+    async fn reserve_seals(&self, id: &str, block: i64) -> StorageResult<i64>;
+}
+
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    async fn claim_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        request_hash: &[u8; 32],
+        now: i64,
+    ) -> StorageResult<IdempotencyClaim>;
+    async fn complete_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> StorageResult<()>;
+    /// Frees a claimed key whose request failed in a retryable way.
+    async fn release_idempotency_key(&self, merchant_id: &str, key: &str) -> StorageResult<()>;
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    async fn append_audit(&self, entry: &AuditEntry) -> StorageResult<()>;
+    async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>>;
+}
+
+/// Everything the service layer needs from a database.
+#[async_trait]
+pub trait Storage:
+    MerchantStore + CustomerStore + CardStore + KeyStore + IdempotencyStore + AuditStore
+{
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StorageResult<()>;
+    /// A trivial round trip, for `/readyz`.
+    async fn health(&self) -> StorageResult<()>;
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+}
+
+/// Opens the storage named by `url` (`sqlite://path` or `postgres://…`).
+pub async fn connect(url: &str, max_connections: u32) -> StorageResult<std::sync::Arc<dyn Storage>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PgStorage::connect(url, max_connections).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStorage::connect(url, max_connections).await?))
+    } else {
+        Err(StorageError::Other(
+            "database_url must start with sqlite: or postgres://".to_string(),
+        ))
+    }
+}

@@ -1,0 +1,820 @@
+//! PostgreSQL implementation of the storage traits (for production and
+//! scale-out: several vault nodes share one database).
+//!
+//! Durability: every connection runs with `synchronous_commit=on`, so a
+//! commit returns only once it is flushed (and, with a synchronous standby
+//! configured, replicated). Concurrency: transactions run at READ COMMITTED
+//! and lock the customer row (`FOR UPDATE`) before touching its cards, always
+//! customer first, then card, so per-customer changes (first card becomes
+//! default, default promotion, dedupe by fingerprint) serialise without
+//! deadlocks.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::postgres::{PgConnectOptions, PgExecutor, PgPoolOptions};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use super::common::{
+    self, api_key_columns, audit_columns, card_columns, customer_columns, data_key_columns,
+    ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
+    MerchantRow,
+};
+use super::{
+    ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
+    CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
+    IdempotencyStore, KeyStore, MerchantRecord, MerchantStore, Page, Storage, StorageError,
+    StorageResult,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How long a request waits for a pooled connection (or a new connection)
+/// before it is told the database is unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Storage in a PostgreSQL database.
+#[derive(Clone, Debug)]
+pub struct PgStorage {
+    pool: PgPool,
+}
+
+/// SQLSTATEs that mean "try again later" rather than a bug: connection
+/// exceptions (08), insufficient resources (53), operator intervention
+/// (57: shutdown, cannot connect now, statement timeout), system errors (58),
+/// serialization failures and deadlocks (40001, 40P01), and a read-only
+/// transaction (25006: connected to a standby during fail-over).
+fn is_transient(db: &dyn DatabaseError) -> bool {
+    db.code().is_some_and(|code| {
+        ["08", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            || matches!(&*code, "40001" | "40P01" | "25006")
+    })
+}
+
+fn db_err(err: sqlx::Error) -> StorageError {
+    common::map_err(err, is_transient)
+}
+
+impl PgStorage {
+    /// Connects to `url` (`postgres://…`). Does not migrate: see
+    /// [`Storage::migrate`].
+    pub async fn connect(url: &str, max_connections: u32) -> StorageResult<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(db_err)?
+            .options([("synchronous_commit", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Ok(PgStorage { pool })
+    }
+
+    /// The connection pool (for tests and operator tooling).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> StorageResult<sqlx::Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(db_err)
+    }
+}
+
+async fn insert_audit(ex: impl PgExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
+         request_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(e.at)
+    .bind(&e.actor)
+    .bind(&e.merchant_id)
+    .bind(&e.event)
+    .bind(&e.resource)
+    .bind(&e.outcome)
+    .bind(&e.origin)
+    .bind(&e.request_id)
+    .bind(&e.detail)
+    .execute(ex)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+async fn fetch_customer(
+    ex: impl PgExecutor<'_>,
+    merchant_id: &str,
+    id: &str,
+    for_update: bool,
+) -> StorageResult<Option<CustomerRecord>> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        customer_columns!(),
+        " FROM customers WHERE merchant_id = $1 AND id = $2"
+    );
+    const SQL_LOCK: &str = concat!(
+        "SELECT ",
+        customer_columns!(),
+        " FROM customers WHERE merchant_id = $1 AND id = $2 FOR UPDATE"
+    );
+    let row: Option<CustomerRow> = sqlx::query_as(if for_update { SQL_LOCK } else { SQL })
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)?;
+    row.map(CustomerRecord::try_from).transpose()
+}
+
+async fn fetch_card(
+    ex: impl PgExecutor<'_>,
+    merchant_id: &str,
+    id: &str,
+    for_update: bool,
+) -> StorageResult<Option<CardRecord>> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE merchant_id = $1 AND id = $2"
+    );
+    const SQL_LOCK: &str = concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE merchant_id = $1 AND id = $2 FOR UPDATE"
+    );
+    let row: Option<CardRow> = sqlx::query_as(if for_update { SQL_LOCK } else { SQL })
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)?;
+    Ok(row.map(CardRecord::from))
+}
+
+async fn fetch_card_by_fingerprint(
+    ex: impl PgExecutor<'_>,
+    card: &CardRecord,
+) -> StorageResult<Option<CardRecord>> {
+    let row: Option<CardRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE merchant_id = $1 AND customer_id = $2 AND fingerprint = $3"
+    ))
+    .bind(&card.merchant_id)
+    .bind(&card.customer_id)
+    .bind(&card.fingerprint)
+    .fetch_optional(ex)
+    .await
+    .map_err(db_err)?;
+    Ok(row.map(CardRecord::from))
+}
+
+/// Locks the customer row and returns its `default_card_id`, or `None` when
+/// the customer is not the merchant's.
+async fn lock_customer(
+    ex: impl PgExecutor<'_>,
+    merchant_id: &str,
+    customer_id: &str,
+) -> StorageResult<Option<Option<String>>> {
+    sqlx::query_scalar(
+        "SELECT default_card_id FROM customers WHERE merchant_id = $1 AND id = $2 FOR UPDATE",
+    )
+    .bind(merchant_id)
+    .bind(customer_id)
+    .fetch_optional(ex)
+    .await
+    .map_err(db_err)
+}
+
+async fn set_default_card(
+    ex: impl PgExecutor<'_>,
+    merchant_id: &str,
+    customer_id: &str,
+    card_id: Option<&str>,
+) -> StorageResult<()> {
+    sqlx::query("UPDATE customers SET default_card_id = $1 WHERE merchant_id = $2 AND id = $3")
+        .bind(card_id)
+        .bind(merchant_id)
+        .bind(customer_id)
+        .execute(ex)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl MerchantStore for PgStorage {
+    async fn create_merchant(
+        &self,
+        merchant: &MerchantRecord,
+        keys: &[ApiKeyRecord],
+        audit: &AuditEntry,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO merchants (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(&merchant.id)
+            .bind(&merchant.name)
+            .bind(merchant.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO api_keys (id, merchant_id, kind, hash, scopes, created_at, \
+                 last_used_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&key.id)
+            .bind(&key.merchant_id)
+            .bind(key.kind.as_str())
+            .bind(&key.hash[..])
+            .bind(common::encode_scopes(key)?)
+            .bind(key.created_at)
+            .bind(key.last_used_at)
+            .bind(key.revoked_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_merchant(&self, id: &str) -> StorageResult<Option<MerchantRecord>> {
+        let row: Option<MerchantRow> =
+            sqlx::query_as("SELECT id, name, created_at FROM merchants WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(row.map(MerchantRecord::from))
+    }
+
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StorageResult<Option<ApiKeyRecord>> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE hash = $1 AND revoked_at IS NULL"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.map(ApiKeyRecord::try_from).transpose()
+    }
+
+    async fn touch_api_key(&self, id: &str, at: i64) -> StorageResult<()> {
+        // GREATEST (which ignores NULL): batched touches may arrive out of
+        // order; never go backwards.
+        sqlx::query("UPDATE api_keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CustomerStore for PgStorage {
+    async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()> {
+        let json = CustomerJson::encode(c)?;
+        let mut tx = self.begin().await?;
+        sqlx::query(concat!(
+            "INSERT INTO customers (",
+            customer_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        ))
+        .bind(&c.id)
+        .bind(&c.merchant_id)
+        .bind(&c.email)
+        .bind(&c.first_name)
+        .bind(&c.last_name)
+        .bind(&c.phone)
+        .bind(json.document)
+        .bind(json.billing_address)
+        .bind(json.metadata)
+        .bind(&c.default_card_id)
+        .bind(c.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+    ) -> StorageResult<Option<CustomerRecord>> {
+        fetch_customer(&self.pool, merchant_id, id, false).await
+    }
+
+    async fn update_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        update: &CustomerUpdate,
+    ) -> StorageResult<CustomerRecord> {
+        let mut tx = self.begin().await?;
+        let mut c = fetch_customer(&mut *tx, merchant_id, id, true)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        common::apply_customer_update(&mut c, update);
+        let json = CustomerJson::encode(&c)?;
+        sqlx::query(
+            "UPDATE customers SET email = $1, first_name = $2, last_name = $3, phone = $4, \
+             document = $5, billing_address = $6, metadata = $7 \
+             WHERE merchant_id = $8 AND id = $9",
+        )
+        .bind(&c.email)
+        .bind(&c.first_name)
+        .bind(&c.last_name)
+        .bind(&c.phone)
+        .bind(json.document)
+        .bind(json.billing_address)
+        .bind(json.metadata)
+        .bind(merchant_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(c)
+    }
+
+    async fn delete_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        audit: &AuditEntry,
+        card_audit: &(dyn for<'c> Fn(&'c CardRecord) -> AuditEntry + Send + Sync),
+    ) -> StorageResult<()> {
+        let mut tx = self.begin().await?;
+        if lock_customer(&mut *tx, merchant_id, id).await?.is_none() {
+            return Err(StorageError::NotFound);
+        }
+        // With the customer locked no card can be added or removed under us.
+        let cards: Vec<CardRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            " FROM cards WHERE merchant_id = $1 AND customer_id = $2 ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("DELETE FROM cards WHERE merchant_id = $1 AND customer_id = $2")
+            .bind(merchant_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("DELETE FROM customers WHERE merchant_id = $1 AND id = $2")
+            .bind(merchant_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        insert_audit(&mut *tx, audit).await?;
+        for card in cards.into_iter().map(CardRecord::from) {
+            insert_audit(&mut *tx, &card_audit(&card)).await?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn list_customers(
+        &self,
+        merchant_id: &str,
+        email: Option<&str>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StorageResult<Page<CustomerRecord>> {
+        let cursor: Option<i64> = match starting_after {
+            None => None,
+            Some(after) => Some(
+                sqlx::query_scalar("SELECT seq FROM customers WHERE merchant_id = $1 AND id = $2")
+                    .bind(merchant_id)
+                    .bind(after)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or(StorageError::NotFound)?,
+            ),
+        };
+        let mut q = QueryBuilder::<Postgres>::new(concat!(
+            "SELECT ",
+            customer_columns!(),
+            " FROM customers WHERE merchant_id = "
+        ));
+        q.push_bind(merchant_id);
+        if let Some(email) = email {
+            q.push(" AND lower(email) = lower(")
+                .push_bind(email)
+                .push(")");
+        }
+        if let Some(seq) = cursor {
+            q.push(" AND seq < ").push_bind(seq);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(common::page_fetch_limit(limit));
+        let rows: Vec<CustomerRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let rows = rows
+            .into_iter()
+            .map(CustomerRecord::try_from)
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(common::into_page(rows, limit))
+    }
+}
+
+#[async_trait]
+impl CardStore for PgStorage {
+    async fn insert_card(
+        &self,
+        card: &CardRecord,
+        audit: &AuditEntry,
+    ) -> StorageResult<CardInsert> {
+        let mut tx = self.begin().await?;
+        // The lock serialises inserts for this customer, so the fingerprint
+        // check below sees every card committed before us.
+        let Some(current_default) =
+            lock_customer(&mut *tx, &card.merchant_id, &card.customer_id).await?
+        else {
+            return Err(StorageError::NotFound);
+        };
+        if let Some(existing) = fetch_card_by_fingerprint(&mut *tx, card).await? {
+            return Ok(CardInsert::Existing(existing));
+        }
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO cards (",
+            card_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        ))
+        .bind(&card.id)
+        .bind(&card.merchant_id)
+        .bind(&card.customer_id)
+        .bind(&card.pan_ciphertext)
+        .bind(&card.dek_id)
+        .bind(&card.fingerprint)
+        .bind(&card.bin)
+        .bind(&card.last4)
+        .bind(card.pan_length)
+        .bind(&card.brand)
+        .bind(&card.funding)
+        .bind(card.exp_month)
+        .bind(card.exp_year)
+        .bind(&card.holder_name)
+        .bind(&card.alias)
+        .bind(&card.status)
+        .bind(card.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err);
+        match inserted {
+            Ok(_) => {}
+            Err(StorageError::Conflict(message)) => {
+                // The failed statement aborted the transaction: roll it back
+                // and look for the card that won the race, if that is what
+                // happened (a reused card id is a real conflict).
+                tx.rollback().await.map_err(db_err)?;
+                return match fetch_card_by_fingerprint(&self.pool, card).await? {
+                    Some(existing) => Ok(CardInsert::Existing(existing)),
+                    None => Err(StorageError::Conflict(message)),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+        let default = current_default.is_none();
+        if default {
+            set_default_card(
+                &mut *tx,
+                &card.merchant_id,
+                &card.customer_id,
+                Some(&card.id),
+            )
+            .await?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(CardInsert::Created { default })
+    }
+
+    async fn get_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+    ) -> StorageResult<Option<CardRecord>> {
+        fetch_card(&self.pool, merchant_id, card_id, false).await
+    }
+
+    async fn list_cards(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<CardRecord>> {
+        let rows: Vec<CardRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            " FROM cards WHERE merchant_id = $1 AND customer_id = $2 ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(CardRecord::from).collect())
+    }
+
+    async fn update_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        update: &CardUpdate,
+    ) -> StorageResult<CardRecord> {
+        let mut tx = self.begin().await?;
+        // Lock order: customer, then card (as everywhere else).
+        let customer_id: String =
+            sqlx::query_scalar("SELECT customer_id FROM cards WHERE merchant_id = $1 AND id = $2")
+                .bind(merchant_id)
+                .bind(card_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .ok_or(StorageError::NotFound)?;
+        if update.make_default {
+            lock_customer(&mut *tx, merchant_id, &customer_id)
+                .await?
+                .ok_or(StorageError::NotFound)?;
+        }
+        let mut card = fetch_card(&mut *tx, merchant_id, card_id, true)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        common::apply_card_update(&mut card, update);
+        sqlx::query(
+            "UPDATE cards SET alias = $1, holder_name = $2, exp_month = $3, exp_year = $4 \
+             WHERE merchant_id = $5 AND id = $6",
+        )
+        .bind(&card.alias)
+        .bind(&card.holder_name)
+        .bind(card.exp_month)
+        .bind(card.exp_year)
+        .bind(merchant_id)
+        .bind(card_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if update.make_default {
+            set_default_card(&mut *tx, merchant_id, &card.customer_id, Some(card_id)).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(card)
+    }
+
+    async fn delete_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        audit: &AuditEntry,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin().await?;
+        let card = fetch_card(&mut *tx, merchant_id, card_id, false)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        let current_default = lock_customer(&mut *tx, merchant_id, &card.customer_id)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        let deleted = sqlx::query("DELETE FROM cards WHERE merchant_id = $1 AND id = $2")
+            .bind(merchant_id)
+            .bind(card_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if deleted.rows_affected() == 0 {
+            // Deleted by a concurrent request while we waited for the lock.
+            return Err(StorageError::NotFound);
+        }
+        if current_default.as_deref() == Some(card_id) {
+            let newest: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM cards WHERE merchant_id = $1 AND customer_id = $2 \
+                 ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(merchant_id)
+            .bind(&card.customer_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl KeyStore for PgStorage {
+    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+        sqlx::query(concat!(
+            "INSERT INTO data_keys (",
+            data_key_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .bind(&key.id)
+        .bind(&key.merchant_id)
+        .bind(&key.purpose)
+        .bind(key.version)
+        .bind(&key.mode)
+        .bind(&key.wrapped)
+        .bind(&key.wrapping_label)
+        .bind(key.seals_reserved)
+        .bind(key.created_at)
+        .bind(key.retired_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>> {
+        let row: Option<DataKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            data_key_columns!(),
+            " FROM data_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(DataKeyRecord::from))
+    }
+
+    async fn current_data_key(
+        &self,
+        merchant_id: Option<&str>,
+        purpose: &str,
+    ) -> StorageResult<Option<DataKeyRecord>> {
+        let row: Option<DataKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            data_key_columns!(),
+            " FROM data_keys WHERE merchant_id IS NOT DISTINCT FROM $1 AND purpose = $2 \
+             AND retired_at IS NULL ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(merchant_id)
+        .bind(purpose)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(DataKeyRecord::from))
+    }
+
+    async fn reserve_seals(&self, id: &str, block: i64) -> StorageResult<i64> {
+        common::check_seal_block(block)?;
+        sqlx::query_scalar(
+            "UPDATE data_keys SET seals_reserved = seals_reserved + $1 WHERE id = $2 \
+             RETURNING seals_reserved",
+        )
+        .bind(block)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgStorage {
+    async fn claim_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        request_hash: &[u8; 32],
+        now: i64,
+    ) -> StorageResult<IdempotencyClaim> {
+        for _ in 0..common::IDEMPOTENCY_CLAIM_ATTEMPTS {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (merchant_id, key, request_hash, state, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (merchant_id, key) DO NOTHING",
+            )
+            .bind(merchant_id)
+            .bind(key)
+            .bind(&request_hash[..])
+            .bind(common::IDEMPOTENCY_PENDING)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+            if inserted.rows_affected() == 1 {
+                return Ok(IdempotencyClaim::Claimed);
+            }
+            let row: Option<IdempotencyRow> = sqlx::query_as(
+                "SELECT request_hash, state, status, body FROM idempotency_keys \
+                 WHERE merchant_id = $1 AND key = $2",
+            )
+            .bind(merchant_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+            // No row: released between our insert and read; claim again.
+            if let Some(row) = row {
+                return IdempotencyClaim::try_from(row);
+            }
+        }
+        Err(StorageError::Unavailable(
+            "idempotency key keeps changing hands".to_string(),
+        ))
+    }
+
+    async fn complete_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> StorageResult<()> {
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET state = $1, status = $2, body = $3 \
+             WHERE merchant_id = $4 AND key = $5",
+        )
+        .bind(common::IDEMPOTENCY_COMPLETED)
+        .bind(i64::from(status))
+        .bind(body)
+        .bind(merchant_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StorageError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn release_idempotency_key(&self, merchant_id: &str, key: &str) -> StorageResult<()> {
+        // Only a pending claim can be released: a completed response stays
+        // replayable whatever a late caller does.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND key = $2 AND state = $3",
+        )
+        .bind(merchant_id)
+        .bind(key)
+        .bind(common::IDEMPOTENCY_PENDING)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AuditStore for PgStorage {
+    async fn append_audit(&self, entry: &AuditEntry) -> StorageResult<()> {
+        insert_audit(&self.pool, entry).await
+    }
+
+    async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>> {
+        let rows: Vec<AuditDbRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(AuditRow::from).collect())
+    }
+}
+
+#[async_trait]
+impl Storage for PgStorage {
+    async fn migrate(&self) -> StorageResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| common::map_migrate_err(e, is_transient))
+    }
+
+    async fn health(&self) -> StorageResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

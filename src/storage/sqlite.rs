@@ -1,0 +1,786 @@
+//! SQLite implementation of the storage traits (the embedded default).
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a committed
+//! transaction survives power loss. Write transactions start with
+//! `BEGIN IMMEDIATE`: they take the single write lock up front, so a
+//! read-then-write never fails on a lock upgrade (which `busy_timeout` cannot
+//! wait out) and concurrent writers simply queue.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteExecutor, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
+
+use super::common::{
+    self, api_key_columns, audit_columns, card_columns, customer_columns, data_key_columns,
+    ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
+    MerchantRow,
+};
+use super::{
+    ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
+    CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
+    IdempotencyStore, KeyStore, MerchantRecord, MerchantStore, Page, Storage, StorageError,
+    StorageResult,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a pooled connection before it is told the
+/// database is unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Storage in one SQLite file.
+#[derive(Clone, Debug)]
+pub struct SqliteStorage {
+    pool: SqlitePool,
+}
+
+/// SQLite primary result codes that mean "try again later" rather than a bug:
+/// BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
+fn is_transient(db: &dyn DatabaseError) -> bool {
+    db.code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13 | 14 | 15))
+}
+
+fn db_err(err: sqlx::Error) -> StorageError {
+    common::map_err(err, is_transient)
+}
+
+impl SqliteStorage {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path` or
+    /// `sqlite:path`). Does not migrate: see [`Storage::migrate`].
+    pub async fn connect(url: &str, max_connections: u32) -> StorageResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db_err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Ok(SqliteStorage { pool })
+    }
+
+    /// The connection pool (for tests and operator tooling).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)
+    }
+}
+
+async fn insert_audit(ex: impl SqliteExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
+         request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.at)
+    .bind(&e.actor)
+    .bind(&e.merchant_id)
+    .bind(&e.event)
+    .bind(&e.resource)
+    .bind(&e.outcome)
+    .bind(&e.origin)
+    .bind(&e.request_id)
+    .bind(&e.detail)
+    .execute(ex)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+async fn fetch_customer(
+    ex: impl SqliteExecutor<'_>,
+    merchant_id: &str,
+    id: &str,
+) -> StorageResult<Option<CustomerRecord>> {
+    let row: Option<CustomerRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        customer_columns!(),
+        " FROM customers WHERE merchant_id = ? AND id = ?"
+    ))
+    .bind(merchant_id)
+    .bind(id)
+    .fetch_optional(ex)
+    .await
+    .map_err(db_err)?;
+    row.map(CustomerRecord::try_from).transpose()
+}
+
+async fn fetch_card(
+    ex: impl SqliteExecutor<'_>,
+    merchant_id: &str,
+    id: &str,
+) -> StorageResult<Option<CardRecord>> {
+    let row: Option<CardRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE merchant_id = ? AND id = ?"
+    ))
+    .bind(merchant_id)
+    .bind(id)
+    .fetch_optional(ex)
+    .await
+    .map_err(db_err)?;
+    Ok(row.map(CardRecord::from))
+}
+
+async fn fetch_card_by_fingerprint(
+    ex: impl SqliteExecutor<'_>,
+    card: &CardRecord,
+) -> StorageResult<Option<CardRecord>> {
+    let row: Option<CardRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE merchant_id = ? AND customer_id = ? AND fingerprint = ?"
+    ))
+    .bind(&card.merchant_id)
+    .bind(&card.customer_id)
+    .bind(&card.fingerprint)
+    .fetch_optional(ex)
+    .await
+    .map_err(db_err)?;
+    Ok(row.map(CardRecord::from))
+}
+
+/// The customer's `default_card_id`, or `None` when the customer is not
+/// the merchant's.
+async fn fetch_default_card(
+    ex: impl SqliteExecutor<'_>,
+    merchant_id: &str,
+    customer_id: &str,
+) -> StorageResult<Option<Option<String>>> {
+    sqlx::query_scalar("SELECT default_card_id FROM customers WHERE merchant_id = ? AND id = ?")
+        .bind(merchant_id)
+        .bind(customer_id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)
+}
+
+async fn set_default_card(
+    ex: impl SqliteExecutor<'_>,
+    merchant_id: &str,
+    customer_id: &str,
+    card_id: Option<&str>,
+) -> StorageResult<()> {
+    sqlx::query("UPDATE customers SET default_card_id = ? WHERE merchant_id = ? AND id = ?")
+        .bind(card_id)
+        .bind(merchant_id)
+        .bind(customer_id)
+        .execute(ex)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl MerchantStore for SqliteStorage {
+    async fn create_merchant(
+        &self,
+        merchant: &MerchantRecord,
+        keys: &[ApiKeyRecord],
+        audit: &AuditEntry,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("INSERT INTO merchants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&merchant.id)
+            .bind(&merchant.name)
+            .bind(merchant.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO api_keys (id, merchant_id, kind, hash, scopes, created_at, \
+                 last_used_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&key.id)
+            .bind(&key.merchant_id)
+            .bind(key.kind.as_str())
+            .bind(&key.hash[..])
+            .bind(common::encode_scopes(key)?)
+            .bind(key.created_at)
+            .bind(key.last_used_at)
+            .bind(key.revoked_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_merchant(&self, id: &str) -> StorageResult<Option<MerchantRecord>> {
+        let row: Option<MerchantRow> =
+            sqlx::query_as("SELECT id, name, created_at FROM merchants WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(row.map(MerchantRecord::from))
+    }
+
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StorageResult<Option<ApiKeyRecord>> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE hash = ? AND revoked_at IS NULL"
+        ))
+        .bind(&hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.map(ApiKeyRecord::try_from).transpose()
+    }
+
+    async fn touch_api_key(&self, id: &str, at: i64) -> StorageResult<()> {
+        // max(): batched touches may arrive out of order; never go backwards.
+        sqlx::query(
+            "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, ?1), ?1) WHERE id = ?2",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CustomerStore for SqliteStorage {
+    async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()> {
+        let json = CustomerJson::encode(c)?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(concat!(
+            "INSERT INTO customers (",
+            customer_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&c.id)
+        .bind(&c.merchant_id)
+        .bind(&c.email)
+        .bind(&c.first_name)
+        .bind(&c.last_name)
+        .bind(&c.phone)
+        .bind(json.document)
+        .bind(json.billing_address)
+        .bind(json.metadata)
+        .bind(&c.default_card_id)
+        .bind(c.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+    ) -> StorageResult<Option<CustomerRecord>> {
+        fetch_customer(&self.pool, merchant_id, id).await
+    }
+
+    async fn update_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        update: &CustomerUpdate,
+    ) -> StorageResult<CustomerRecord> {
+        let mut tx = self.begin_write().await?;
+        let mut c = fetch_customer(&mut *tx, merchant_id, id)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        common::apply_customer_update(&mut c, update);
+        let json = CustomerJson::encode(&c)?;
+        sqlx::query(
+            "UPDATE customers SET email = ?, first_name = ?, last_name = ?, phone = ?, \
+             document = ?, billing_address = ?, metadata = ? WHERE merchant_id = ? AND id = ?",
+        )
+        .bind(&c.email)
+        .bind(&c.first_name)
+        .bind(&c.last_name)
+        .bind(&c.phone)
+        .bind(json.document)
+        .bind(json.billing_address)
+        .bind(json.metadata)
+        .bind(merchant_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(c)
+    }
+
+    async fn delete_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+        audit: &AuditEntry,
+        card_audit: &(dyn for<'c> Fn(&'c CardRecord) -> AuditEntry + Send + Sync),
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        if fetch_default_card(&mut *tx, merchant_id, id)
+            .await?
+            .is_none()
+        {
+            return Err(StorageError::NotFound);
+        }
+        let cards: Vec<CardRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            " FROM cards WHERE merchant_id = ? AND customer_id = ? ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("DELETE FROM cards WHERE merchant_id = ? AND customer_id = ?")
+            .bind(merchant_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("DELETE FROM customers WHERE merchant_id = ? AND id = ?")
+            .bind(merchant_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        insert_audit(&mut *tx, audit).await?;
+        for card in cards.into_iter().map(CardRecord::from) {
+            insert_audit(&mut *tx, &card_audit(&card)).await?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn list_customers(
+        &self,
+        merchant_id: &str,
+        email: Option<&str>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StorageResult<Page<CustomerRecord>> {
+        let cursor: Option<i64> = match starting_after {
+            None => None,
+            Some(after) => Some(
+                sqlx::query_scalar("SELECT seq FROM customers WHERE merchant_id = ? AND id = ?")
+                    .bind(merchant_id)
+                    .bind(after)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or(StorageError::NotFound)?,
+            ),
+        };
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            customer_columns!(),
+            " FROM customers WHERE merchant_id = "
+        ));
+        q.push_bind(merchant_id);
+        if let Some(email) = email {
+            q.push(" AND lower(email) = lower(")
+                .push_bind(email)
+                .push(")");
+        }
+        if let Some(seq) = cursor {
+            q.push(" AND seq < ").push_bind(seq);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(common::page_fetch_limit(limit));
+        let rows: Vec<CustomerRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let rows = rows
+            .into_iter()
+            .map(CustomerRecord::try_from)
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(common::into_page(rows, limit))
+    }
+}
+
+#[async_trait]
+impl CardStore for SqliteStorage {
+    async fn insert_card(
+        &self,
+        card: &CardRecord,
+        audit: &AuditEntry,
+    ) -> StorageResult<CardInsert> {
+        let mut tx = self.begin_write().await?;
+        let Some(current_default) =
+            fetch_default_card(&mut *tx, &card.merchant_id, &card.customer_id).await?
+        else {
+            return Err(StorageError::NotFound);
+        };
+        if let Some(existing) = fetch_card_by_fingerprint(&mut *tx, card).await? {
+            return Ok(CardInsert::Existing(existing));
+        }
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO cards (",
+            card_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&card.id)
+        .bind(&card.merchant_id)
+        .bind(&card.customer_id)
+        .bind(&card.pan_ciphertext)
+        .bind(&card.dek_id)
+        .bind(&card.fingerprint)
+        .bind(&card.bin)
+        .bind(&card.last4)
+        .bind(card.pan_length)
+        .bind(&card.brand)
+        .bind(&card.funding)
+        .bind(card.exp_month)
+        .bind(card.exp_year)
+        .bind(&card.holder_name)
+        .bind(&card.alias)
+        .bind(&card.status)
+        .bind(card.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err);
+        match inserted {
+            Ok(_) => {}
+            Err(StorageError::Conflict(message)) => {
+                // The write lock makes a duplicate fingerprint impossible
+                // here, but answer it like the check above should one slip
+                // through; anything else (a reused card id) is a conflict.
+                drop(tx);
+                return match fetch_card_by_fingerprint(&self.pool, card).await? {
+                    Some(existing) => Ok(CardInsert::Existing(existing)),
+                    None => Err(StorageError::Conflict(message)),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+        let default = current_default.is_none();
+        if default {
+            set_default_card(
+                &mut *tx,
+                &card.merchant_id,
+                &card.customer_id,
+                Some(&card.id),
+            )
+            .await?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(CardInsert::Created { default })
+    }
+
+    async fn get_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+    ) -> StorageResult<Option<CardRecord>> {
+        fetch_card(&self.pool, merchant_id, card_id).await
+    }
+
+    async fn list_cards(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<CardRecord>> {
+        let rows: Vec<CardRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            " FROM cards WHERE merchant_id = ? AND customer_id = ? ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(CardRecord::from).collect())
+    }
+
+    async fn update_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        update: &CardUpdate,
+    ) -> StorageResult<CardRecord> {
+        let mut tx = self.begin_write().await?;
+        let mut card = fetch_card(&mut *tx, merchant_id, card_id)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        common::apply_card_update(&mut card, update);
+        sqlx::query(
+            "UPDATE cards SET alias = ?, holder_name = ?, exp_month = ?, exp_year = ? \
+             WHERE merchant_id = ? AND id = ?",
+        )
+        .bind(&card.alias)
+        .bind(&card.holder_name)
+        .bind(card.exp_month)
+        .bind(card.exp_year)
+        .bind(merchant_id)
+        .bind(card_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if update.make_default {
+            set_default_card(&mut *tx, merchant_id, &card.customer_id, Some(card_id)).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(card)
+    }
+
+    async fn delete_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        audit: &AuditEntry,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        let card = fetch_card(&mut *tx, merchant_id, card_id)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        let current_default = fetch_default_card(&mut *tx, merchant_id, &card.customer_id)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        sqlx::query("DELETE FROM cards WHERE merchant_id = ? AND id = ?")
+            .bind(merchant_id)
+            .bind(card_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if current_default.as_deref() == Some(card_id) {
+            let newest: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM cards WHERE merchant_id = ? AND customer_id = ? \
+                 ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(merchant_id)
+            .bind(&card.customer_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStorage {
+    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+        sqlx::query(concat!(
+            "INSERT INTO data_keys (",
+            data_key_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&key.id)
+        .bind(&key.merchant_id)
+        .bind(&key.purpose)
+        .bind(key.version)
+        .bind(&key.mode)
+        .bind(&key.wrapped)
+        .bind(&key.wrapping_label)
+        .bind(key.seals_reserved)
+        .bind(key.created_at)
+        .bind(key.retired_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>> {
+        let row: Option<DataKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            data_key_columns!(),
+            " FROM data_keys WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(DataKeyRecord::from))
+    }
+
+    async fn current_data_key(
+        &self,
+        merchant_id: Option<&str>,
+        purpose: &str,
+    ) -> StorageResult<Option<DataKeyRecord>> {
+        let row: Option<DataKeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            data_key_columns!(),
+            " FROM data_keys WHERE merchant_id IS ? AND purpose = ? AND retired_at IS NULL \
+             ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(merchant_id)
+        .bind(purpose)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(DataKeyRecord::from))
+    }
+
+    async fn reserve_seals(&self, id: &str, block: i64) -> StorageResult<i64> {
+        common::check_seal_block(block)?;
+        sqlx::query_scalar(
+            "UPDATE data_keys SET seals_reserved = seals_reserved + ? WHERE id = ? \
+             RETURNING seals_reserved",
+        )
+        .bind(block)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStorage {
+    async fn claim_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        request_hash: &[u8; 32],
+        now: i64,
+    ) -> StorageResult<IdempotencyClaim> {
+        for _ in 0..common::IDEMPOTENCY_CLAIM_ATTEMPTS {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (merchant_id, key, request_hash, state, created_at) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (merchant_id, key) DO NOTHING",
+            )
+            .bind(merchant_id)
+            .bind(key)
+            .bind(&request_hash[..])
+            .bind(common::IDEMPOTENCY_PENDING)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+            if inserted.rows_affected() == 1 {
+                return Ok(IdempotencyClaim::Claimed);
+            }
+            let row: Option<IdempotencyRow> = sqlx::query_as(
+                "SELECT request_hash, state, status, body FROM idempotency_keys \
+                 WHERE merchant_id = ? AND key = ?",
+            )
+            .bind(merchant_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+            // No row: released between our insert and read; claim again.
+            if let Some(row) = row {
+                return IdempotencyClaim::try_from(row);
+            }
+        }
+        Err(StorageError::Unavailable(
+            "idempotency key keeps changing hands".to_string(),
+        ))
+    }
+
+    async fn complete_idempotency_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> StorageResult<()> {
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET state = ?, status = ?, body = ? \
+             WHERE merchant_id = ? AND key = ?",
+        )
+        .bind(common::IDEMPOTENCY_COMPLETED)
+        .bind(i64::from(status))
+        .bind(body)
+        .bind(merchant_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StorageError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn release_idempotency_key(&self, merchant_id: &str, key: &str) -> StorageResult<()> {
+        // Only a pending claim can be released: a completed response stays
+        // replayable whatever a late caller does.
+        sqlx::query("DELETE FROM idempotency_keys WHERE merchant_id = ? AND key = ? AND state = ?")
+            .bind(merchant_id)
+            .bind(key)
+            .bind(common::IDEMPOTENCY_PENDING)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqliteStorage {
+    async fn append_audit(&self, entry: &AuditEntry) -> StorageResult<()> {
+        insert_audit(&self.pool, entry).await
+    }
+
+    async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>> {
+        let rows: Vec<AuditDbRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(AuditRow::from).collect())
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn migrate(&self) -> StorageResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| common::map_migrate_err(e, is_transient))
+    }
+
+    async fn health(&self) -> StorageResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}

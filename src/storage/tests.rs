@@ -1,0 +1,1382 @@
+//! Storage tests: one set of checks, each taking `&dyn Storage`, run against
+//! SQLite (a file in a temp dir) and PostgreSQL (a fresh `cv_<random>`
+//! database per test, created through `CARDVAULT_TEST_PG_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`, and dropped afterwards).
+//! PostgreSQL being down fails the tests; `CARDVAULT_SKIP_PG=1` skips them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+
+use sqlx::Connection;
+
+use super::*;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+// ---------------------------------------------------------------- fixtures
+
+struct SqliteDb {
+    storage: SqliteStorage,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite_db() -> SqliteDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("vault.db").display());
+    let storage = SqliteStorage::connect(&url, 4).await.unwrap();
+    storage.migrate().await.unwrap();
+    SqliteDb { storage, _dir: dir }
+}
+
+/// A throw-away PostgreSQL database, dropped (best effort) with the value,
+/// also when the test panicked.
+struct PgDb {
+    storage: Option<PgStorage>,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDb {
+    async fn create() -> Option<PgDb> {
+        if std::env::var_os("CARDVAULT_SKIP_PG").is_some() {
+            eprintln!("CARDVAULT_SKIP_PG set: skipping PostgreSQL test");
+            return None;
+        }
+        let admin_url =
+            std::env::var("CARDVAULT_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {admin_url} unreachable ({e}); start it \
+                     (pg_ctlcluster --skip-systemctl-redirect 15 main start) \
+                     or set CARDVAULT_SKIP_PG=1"
+                )
+            });
+        let name = format!("cv_{:016x}", rand::random::<u64>());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.ok();
+        let db = PgDb {
+            storage: None,
+            admin_url: admin_url.clone(),
+            name: name.clone(),
+        };
+        let storage = PgStorage::connect(&with_database(&admin_url, &name), 4)
+            .await
+            .unwrap();
+        storage.migrate().await.unwrap();
+        Some(PgDb {
+            storage: Some(storage),
+            ..db
+        })
+    }
+
+    fn storage(&self) -> &PgStorage {
+        self.storage.as_ref().unwrap()
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        drop(self.storage.take());
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop cannot await; WITH (FORCE) ends the pool's last sessions.
+        let dropper = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .ok()?;
+                admin.close().await.ok()
+            })
+        });
+        let _ = dropper.join();
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{db}?{query}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Runs each named check against both backends.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let db = super::sqlite_db().await;
+                    super::$check(&db.storage).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let Some(db) = super::PgDb::create().await else { return };
+                    super::$check(db.storage()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    migrations_are_idempotent,
+    merchants_and_api_keys,
+    customer_crud_and_update_semantics,
+    customer_listing_and_paging,
+    other_merchants_see_nothing,
+    card_lifecycle_and_default_card,
+    concurrent_duplicate_cards_dedupe,
+    delete_customer_removes_cards_and_audits,
+    idempotency_keys,
+    data_keys_and_seal_reservations,
+    audit_append_and_list,
+);
+
+// ---------------------------------------------------------------- builders
+
+fn audit(event: &str, merchant: Option<&str>, resource: Option<&str>) -> AuditEntry {
+    AuditEntry {
+        at: 1_700_000_000,
+        actor: "key_test".to_string(),
+        merchant_id: merchant.map(str::to_string),
+        event: event.to_string(),
+        resource: resource.map(str::to_string),
+        outcome: "success".to_string(),
+        origin: Some("127.0.0.1".to_string()),
+        request_id: Some("req_1".to_string()),
+        detail: None,
+    }
+}
+
+fn api_key(merchant: &str, id: &str, hash_byte: u8) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: id.to_string(),
+        merchant_id: merchant.to_string(),
+        kind: ApiKeyKind::Secret,
+        hash: [hash_byte; 32],
+        scopes: vec!["cards:reveal".to_string()],
+        created_at: 1_000,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+/// Creates merchant `id` with one secret key whose hash is `[hash_byte; 32]`.
+async fn merchant(s: &dyn Storage, id: &str, hash_byte: u8) {
+    let m = MerchantRecord {
+        id: id.to_string(),
+        name: format!("Merchant {id}"),
+        created_at: 1_000,
+    };
+    let key = api_key(id, &format!("key_{id}"), hash_byte);
+    s.create_merchant(&m, &[key], &audit("merchant.create", Some(id), Some(id)))
+        .await
+        .unwrap();
+}
+
+fn customer(merchant: &str, id: &str, email: &str) -> CustomerRecord {
+    CustomerRecord {
+        id: id.to_string(),
+        merchant_id: merchant.to_string(),
+        email: email.to_string(),
+        first_name: None,
+        last_name: None,
+        phone: None,
+        document: None,
+        billing_address: None,
+        metadata: Metadata::new(),
+        default_card_id: None,
+        created_at: 1_000,
+    }
+}
+
+async fn add_customer(s: &dyn Storage, merchant: &str, id: &str) -> CustomerRecord {
+    let c = customer(merchant, id, &format!("{id}@example.com"));
+    s.insert_customer(&c, &audit("customer.create", Some(merchant), Some(id)))
+        .await
+        .unwrap();
+    c
+}
+
+fn card(merchant: &str, customer: &str, id: &str, fingerprint_byte: u8) -> CardRecord {
+    CardRecord {
+        id: id.to_string(),
+        merchant_id: merchant.to_string(),
+        customer_id: customer.to_string(),
+        pan_ciphertext: vec![0xC1, fingerprint_byte, 0x5E, 0xA1],
+        dek_id: "dek_test".to_string(),
+        fingerprint: vec![fingerprint_byte; 32],
+        bin: "42424242".to_string(),
+        last4: "4242".to_string(),
+        pan_length: 16,
+        brand: "visa".to_string(),
+        funding: "credit".to_string(),
+        exp_month: 12,
+        exp_year: 2030,
+        holder_name: Some("Ada Lovelace".to_string()),
+        alias: None,
+        status: "active".to_string(),
+        created_at: 1_000,
+    }
+}
+
+async fn add_card(s: &dyn Storage, c: &CardRecord) -> CardInsert {
+    s.insert_card(c, &audit("card.create", Some(&c.merchant_id), Some(&c.id)))
+        .await
+        .unwrap()
+}
+
+async fn default_card(s: &dyn Storage, merchant: &str, customer: &str) -> Option<String> {
+    s.get_customer(merchant, customer)
+        .await
+        .unwrap()
+        .unwrap()
+        .default_card_id
+}
+
+async fn all_audit(s: &dyn Storage) -> Vec<AuditRow> {
+    s.list_audit(0, 10_000).await.unwrap()
+}
+
+fn events(rows: &[AuditRow], event: &str) -> Vec<Option<String>> {
+    rows.iter()
+        .filter(|r| r.entry.event == event)
+        .map(|r| r.entry.resource.clone())
+        .collect()
+}
+
+fn ids<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
+    items.iter().map(|i| id(i).to_string()).collect()
+}
+
+// ---------------------------------------------------------------- checks
+
+async fn migrations_are_idempotent(s: &dyn Storage) {
+    // Already migrated once by the fixture.
+    s.migrate().await.unwrap();
+    s.migrate().await.unwrap();
+    s.health().await.unwrap();
+    assert!(matches!(s.backend(), "sqlite" | "postgres"));
+    merchant(s, "mer_a", 1).await;
+    s.migrate().await.unwrap();
+    assert!(s.get_merchant("mer_a").await.unwrap().is_some());
+}
+
+async fn merchants_and_api_keys(s: &dyn Storage) {
+    let m = MerchantRecord {
+        id: "mer_a".to_string(),
+        name: "Shop A".to_string(),
+        created_at: 1_000,
+    };
+    let secret = api_key("mer_a", "key_secret", 1);
+    let publishable = ApiKeyRecord {
+        id: "key_pub".to_string(),
+        kind: ApiKeyKind::Publishable,
+        scopes: vec![],
+        ..api_key("mer_a", "key_pub", 2)
+    };
+    let revoked = ApiKeyRecord {
+        revoked_at: Some(1_500),
+        ..api_key("mer_a", "key_revoked", 3)
+    };
+    s.create_merchant(
+        &m,
+        &[secret.clone(), publishable.clone(), revoked],
+        &audit("merchant.create", Some("mer_a"), Some("mer_a")),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(s.get_merchant("mer_a").await.unwrap(), Some(m.clone()));
+    assert_eq!(s.get_merchant("mer_missing").await.unwrap(), None);
+    assert_eq!(
+        s.find_api_key(&[1; 32]).await.unwrap(),
+        Some(secret.clone())
+    );
+    assert_eq!(s.find_api_key(&[2; 32]).await.unwrap(), Some(publishable));
+    assert_eq!(
+        s.find_api_key(&[3; 32]).await.unwrap(),
+        None,
+        "revoked key found"
+    );
+    assert_eq!(s.find_api_key(&[9; 32]).await.unwrap(), None);
+
+    s.touch_api_key("key_secret", 2_000).await.unwrap();
+    let touched = s.find_api_key(&[1; 32]).await.unwrap().unwrap();
+    assert_eq!(touched.last_used_at, Some(2_000));
+    // A late, older touch does not move it backwards.
+    s.touch_api_key("key_secret", 1_500).await.unwrap();
+    let touched = s.find_api_key(&[1; 32]).await.unwrap().unwrap();
+    assert_eq!(touched.last_used_at, Some(2_000));
+    s.touch_api_key("key_missing", 2_000).await.unwrap();
+
+    // Same merchant id again: conflict, and none of its keys is stored.
+    let again = s
+        .create_merchant(
+            &m,
+            &[api_key("mer_a", "key_new", 4)],
+            &audit("merchant.create", Some("mer_a"), Some("mer_a")),
+        )
+        .await;
+    assert!(matches!(again, Err(StorageError::Conflict(_))), "{again:?}");
+    assert_eq!(s.find_api_key(&[4; 32]).await.unwrap(), None);
+
+    // A key hash clash rolls back the whole merchant.
+    let b = MerchantRecord {
+        id: "mer_b".to_string(),
+        ..m.clone()
+    };
+    let clash = s
+        .create_merchant(
+            &b,
+            &[api_key("mer_b", "key_b", 1)],
+            &audit("merchant.create", Some("mer_b"), Some("mer_b")),
+        )
+        .await;
+    assert!(matches!(clash, Err(StorageError::Conflict(_))), "{clash:?}");
+    assert_eq!(s.get_merchant("mer_b").await.unwrap(), None);
+
+    let log = all_audit(s).await;
+    assert_eq!(
+        events(&log, "merchant.create"),
+        vec![Some("mer_a".to_string())],
+        "only the committed merchant is audited"
+    );
+}
+
+async fn customer_crud_and_update_semantics(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    let mut metadata = Metadata::new();
+    metadata.insert("plan".to_string(), "gold".to_string());
+    let c = CustomerRecord {
+        first_name: Some("Ada".to_string()),
+        last_name: Some("Lovelace".to_string()),
+        phone: Some("+44 20 7946 0000".to_string()),
+        document: Some(Document {
+            doc_type: "passport".to_string(),
+            number: "X123".to_string(),
+        }),
+        billing_address: Some(Address {
+            line1: Some("1 Main St".to_string()),
+            city: Some("London".to_string()),
+            country: Some("GB".to_string()),
+            ..Address::default()
+        }),
+        metadata,
+        ..customer("mer_a", "cus_1", "Ada@Example.com")
+    };
+    s.insert_customer(&c, &audit("customer.create", Some("mer_a"), Some("cus_1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_customer("mer_a", "cus_1").await.unwrap(),
+        Some(c.clone())
+    );
+    assert_eq!(s.get_customer("mer_a", "cus_missing").await.unwrap(), None);
+
+    let dup = s
+        .insert_customer(&c, &audit("customer.create", Some("mer_a"), Some("cus_1")))
+        .await;
+    assert!(matches!(dup, Err(StorageError::Conflict(_))), "{dup:?}");
+
+    // An empty update changes nothing.
+    let same = s
+        .update_customer("mer_a", "cus_1", &CustomerUpdate::default())
+        .await
+        .unwrap();
+    assert_eq!(same, c);
+
+    let address = Address {
+        line1: Some("2 High St".to_string()),
+        postal_code: Some("N1 9GU".to_string()),
+        ..Address::default()
+    };
+    let mut new_metadata = Metadata::new();
+    new_metadata.insert("tier".to_string(), "1".to_string());
+    let update = CustomerUpdate {
+        email: Some("ada@lovelace.example".to_string()),
+        first_name: Some(None),
+        last_name: None,
+        phone: Some(Some("+1 555 0100".to_string())),
+        document: Some(None),
+        billing_address: Some(Some(address.clone())),
+        metadata: Some(new_metadata.clone()),
+    };
+    let updated = s.update_customer("mer_a", "cus_1", &update).await.unwrap();
+    let expected = CustomerRecord {
+        email: "ada@lovelace.example".to_string(),
+        first_name: None,
+        phone: Some("+1 555 0100".to_string()),
+        document: None,
+        billing_address: Some(address),
+        metadata: new_metadata,
+        ..c.clone()
+    };
+    assert_eq!(updated, expected);
+    assert_eq!(
+        s.get_customer("mer_a", "cus_1").await.unwrap(),
+        Some(expected)
+    );
+
+    let missing = s.update_customer("mer_a", "cus_missing", &update).await;
+    assert!(
+        matches!(missing, Err(StorageError::NotFound)),
+        "{missing:?}"
+    );
+
+    // A customer of a merchant that does not exist cannot be created.
+    let orphan = s
+        .insert_customer(
+            &customer("mer_missing", "cus_orphan", "o@example.com"),
+            &audit("customer.create", Some("mer_missing"), Some("cus_orphan")),
+        )
+        .await;
+    assert!(matches!(orphan, Err(StorageError::NotFound)), "{orphan:?}");
+
+    let no_cards = |_: &CardRecord| -> AuditEntry { unreachable!("customer has no cards") };
+    s.delete_customer(
+        "mer_a",
+        "cus_1",
+        &audit("customer.delete", Some("mer_a"), Some("cus_1")),
+        &no_cards,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_customer("mer_a", "cus_1").await.unwrap(), None);
+    let again = s
+        .delete_customer(
+            "mer_a",
+            "cus_1",
+            &audit("customer.delete", Some("mer_a"), Some("cus_1")),
+            &no_cards,
+        )
+        .await;
+    assert!(matches!(again, Err(StorageError::NotFound)), "{again:?}");
+    let page = s.list_customers("mer_a", None, 10, None).await.unwrap();
+    assert!(page.data.is_empty() && !page.has_more);
+
+    let log = all_audit(s).await;
+    assert_eq!(
+        events(&log, "customer.create"),
+        vec![Some("cus_1".to_string())]
+    );
+    assert_eq!(
+        events(&log, "customer.delete"),
+        vec![Some("cus_1".to_string())]
+    );
+}
+
+fn list_id(i: usize) -> String {
+    format!("cus_{i:03}")
+}
+
+async fn customer_listing_and_paging(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    for i in 0..250 {
+        let email = if i % 10 == 0 {
+            "Shared@Example.com".to_string()
+        } else {
+            format!("user{i}@example.com")
+        };
+        // Same created_at for all: order must come from insertion order.
+        let c = customer("mer_a", &list_id(i), &email);
+        s.insert_customer(&c, &audit("customer.create", Some("mer_a"), Some(&c.id)))
+            .await
+            .unwrap();
+    }
+    add_customer(s, "mer_b", "cus_b").await;
+
+    // All of them, 100 at a time, newest first.
+    let mut seen = Vec::new();
+    let mut shape = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s
+            .list_customers("mer_a", None, 100, after.as_deref())
+            .await
+            .unwrap();
+        shape.push((page.data.len(), page.has_more));
+        seen.extend(ids(&page.data, |c| &c.id));
+        after = page.data.last().map(|c| c.id.clone());
+        if !page.has_more {
+            break;
+        }
+        assert!(shape.len() < 10, "paging does not end");
+    }
+    assert_eq!(shape, vec![(100, true), (100, true), (50, false)]);
+    assert_eq!(seen, (0..250).rev().map(list_id).collect::<Vec<_>>());
+
+    // Exact email, case-insensitive, paged by 10.
+    let shared: Vec<String> = (0..250)
+        .rev()
+        .filter(|i| i % 10 == 0)
+        .map(list_id)
+        .collect();
+    let p1 = s
+        .list_customers("mer_a", Some("shared@example.com"), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&p1.data, |c| &c.id), shared[..10]);
+    assert!(p1.has_more);
+    let upper = s
+        .list_customers("mer_a", Some("SHARED@EXAMPLE.COM"), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(upper, p1);
+    let p2 = s
+        .list_customers("mer_a", Some("shared@example.com"), 10, Some(&shared[9]))
+        .await
+        .unwrap();
+    assert_eq!(ids(&p2.data, |c| &c.id), shared[10..20]);
+    assert!(p2.has_more);
+    let p3 = s
+        .list_customers("mer_a", Some("shared@example.com"), 10, Some(&shared[19]))
+        .await
+        .unwrap();
+    assert_eq!(ids(&p3.data, |c| &c.id), shared[20..]);
+    assert!(!p3.has_more);
+    // Exactly `limit` rows left: no more.
+    let exact = s
+        .list_customers("mer_a", Some("shared@example.com"), 25, None)
+        .await
+        .unwrap();
+    assert_eq!(exact.data.len(), 25);
+    assert!(!exact.has_more);
+    let one = s
+        .list_customers("mer_a", Some("user7@example.com"), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&one.data, |c| &c.id), vec![list_id(7)]);
+    let none = s
+        .list_customers("mer_a", Some("nobody@example.com"), 10, None)
+        .await
+        .unwrap();
+    assert!(none.data.is_empty() && !none.has_more);
+    // A prefix is not a match.
+    let prefix = s
+        .list_customers("mer_a", Some("shared@"), 10, None)
+        .await
+        .unwrap();
+    assert!(prefix.data.is_empty());
+
+    // Cursors must be this merchant's customers.
+    let unknown = s
+        .list_customers("mer_a", None, 10, Some("cus_missing"))
+        .await;
+    assert!(
+        matches!(unknown, Err(StorageError::NotFound)),
+        "{unknown:?}"
+    );
+    let foreign = s.list_customers("mer_a", None, 10, Some("cus_b")).await;
+    assert!(
+        matches!(foreign, Err(StorageError::NotFound)),
+        "{foreign:?}"
+    );
+
+    let b = s.list_customers("mer_b", None, 100, None).await.unwrap();
+    assert_eq!(ids(&b.data, |c| &c.id), vec!["cus_b".to_string()]);
+    assert!(!b.has_more);
+}
+
+async fn other_merchants_see_nothing(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    add_customer(s, "mer_a", "cus_a").await;
+    add_customer(s, "mer_b", "cus_b").await;
+    add_card(s, &card("mer_a", "cus_a", "card_a", 1)).await;
+    let customer_before = s.get_customer("mer_a", "cus_a").await.unwrap().unwrap();
+    let card_before = s.get_card("mer_a", "card_a").await.unwrap().unwrap();
+    let audit_before = all_audit(s).await.len();
+
+    assert_eq!(s.get_customer("mer_b", "cus_a").await.unwrap(), None);
+    assert_eq!(s.get_card("mer_b", "card_a").await.unwrap(), None);
+    assert!(s.list_cards("mer_b", "cus_a").await.unwrap().is_empty());
+
+    let update = CustomerUpdate {
+        email: Some("stolen@example.com".to_string()),
+        ..CustomerUpdate::default()
+    };
+    let r = s.update_customer("mer_b", "cus_a", &update).await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    let r = s
+        .delete_customer(
+            "mer_b",
+            "cus_a",
+            &audit("customer.delete", Some("mer_b"), Some("cus_a")),
+            &|c: &CardRecord| audit("card.delete", Some("mer_b"), Some(&c.id)),
+        )
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    let r = s.list_customers("mer_b", None, 10, Some("cus_a")).await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    let card_update = CardUpdate {
+        alias: Some(Some("mine".to_string())),
+        make_default: true,
+        ..CardUpdate::default()
+    };
+    let r = s.update_card("mer_b", "card_a", &card_update).await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    let r = s
+        .delete_card(
+            "mer_b",
+            "card_a",
+            &audit("card.delete", Some("mer_b"), None),
+        )
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    // Attaching a card to another merchant's customer.
+    let r = s
+        .insert_card(
+            &card("mer_b", "cus_a", "card_b", 2),
+            &audit("card.create", Some("mer_b"), None),
+        )
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    // Same fingerprint under the other merchant's own customer is unrelated.
+    assert_eq!(
+        add_card(s, &card("mer_b", "cus_b", "card_b1", 1)).await,
+        CardInsert::Created { default: true }
+    );
+
+    assert_eq!(
+        s.get_customer("mer_a", "cus_a").await.unwrap(),
+        Some(customer_before)
+    );
+    assert_eq!(
+        s.get_card("mer_a", "card_a").await.unwrap(),
+        Some(card_before.clone())
+    );
+    assert_eq!(
+        s.list_cards("mer_a", "cus_a").await.unwrap(),
+        vec![card_before]
+    );
+    assert_eq!(s.get_card("mer_a", "card_b1").await.unwrap(), None);
+    assert_eq!(
+        all_audit(s).await.len(),
+        audit_before + 1,
+        "only the legitimate card.create was audited"
+    );
+}
+
+async fn card_lifecycle_and_default_card(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_1").await;
+    add_customer(s, "mer_a", "cus_2").await;
+    let c1 = card("mer_a", "cus_1", "card_1", 1);
+    let c2 = card("mer_a", "cus_1", "card_2", 2);
+    let c3 = card("mer_a", "cus_1", "card_3", 3);
+
+    assert_eq!(
+        add_card(s, &c1).await,
+        CardInsert::Created { default: true }
+    );
+    assert_eq!(
+        default_card(s, "mer_a", "cus_1").await.as_deref(),
+        Some("card_1")
+    );
+    assert_eq!(
+        add_card(s, &c2).await,
+        CardInsert::Created { default: false }
+    );
+    assert_eq!(
+        s.get_card("mer_a", "card_1").await.unwrap(),
+        Some(c1.clone())
+    );
+
+    // Same PAN again (same fingerprint, new id): the existing card, no write.
+    let dup = card("mer_a", "cus_1", "card_dup", 1);
+    assert_eq!(add_card(s, &dup).await, CardInsert::Existing(c1.clone()));
+    assert_eq!(s.get_card("mer_a", "card_dup").await.unwrap(), None);
+    // ... and a reused card id with a new fingerprint is a conflict.
+    let reused = s
+        .insert_card(
+            &card("mer_a", "cus_1", "card_1", 9),
+            &audit("card.create", Some("mer_a"), None),
+        )
+        .await;
+    assert!(
+        matches!(reused, Err(StorageError::Conflict(_))),
+        "{reused:?}"
+    );
+
+    assert_eq!(
+        add_card(s, &c3).await,
+        CardInsert::Created { default: false }
+    );
+    assert_eq!(
+        s.list_cards("mer_a", "cus_1").await.unwrap(),
+        vec![c1.clone(), c2.clone(), c3.clone()],
+        "oldest first"
+    );
+    // The same card on another customer is another card.
+    let other = card("mer_a", "cus_2", "card_other", 1);
+    assert_eq!(
+        add_card(s, &other).await,
+        CardInsert::Created { default: true }
+    );
+
+    let update = CardUpdate {
+        alias: Some(Some("work".to_string())),
+        holder_name: Some(None),
+        exp_month: Some(1),
+        exp_year: Some(2031),
+        make_default: false,
+    };
+    let updated = s.update_card("mer_a", "card_2", &update).await.unwrap();
+    let expected = CardRecord {
+        alias: Some("work".to_string()),
+        holder_name: None,
+        exp_month: 1,
+        exp_year: 2031,
+        ..c2.clone()
+    };
+    assert_eq!(updated, expected);
+    assert_eq!(
+        s.get_card("mer_a", "card_2").await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        default_card(s, "mer_a", "cus_1").await.as_deref(),
+        Some("card_1")
+    );
+    let bad = CardUpdate {
+        exp_month: Some(13),
+        ..CardUpdate::default()
+    };
+    assert!(s.update_card("mer_a", "card_2", &bad).await.is_err());
+    assert_eq!(s.get_card("mer_a", "card_2").await.unwrap(), Some(expected));
+
+    let make_default = CardUpdate {
+        make_default: true,
+        ..CardUpdate::default()
+    };
+    s.update_card("mer_a", "card_2", &make_default)
+        .await
+        .unwrap();
+    assert_eq!(
+        default_card(s, "mer_a", "cus_1").await.as_deref(),
+        Some("card_2")
+    );
+
+    // Deleting the default promotes the newest remaining card.
+    s.delete_card(
+        "mer_a",
+        "card_2",
+        &audit("card.delete", Some("mer_a"), Some("card_2")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_card("mer_a", "card_2").await.unwrap(), None);
+    assert_eq!(
+        default_card(s, "mer_a", "cus_1").await.as_deref(),
+        Some("card_3")
+    );
+    // Deleting another card leaves the default alone.
+    s.delete_card(
+        "mer_a",
+        "card_1",
+        &audit("card.delete", Some("mer_a"), Some("card_1")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        default_card(s, "mer_a", "cus_1").await.as_deref(),
+        Some("card_3")
+    );
+    s.delete_card(
+        "mer_a",
+        "card_3",
+        &audit("card.delete", Some("mer_a"), Some("card_3")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(default_card(s, "mer_a", "cus_1").await, None);
+    let again = s
+        .delete_card(
+            "mer_a",
+            "card_3",
+            &audit("card.delete", Some("mer_a"), Some("card_3")),
+        )
+        .await;
+    assert!(matches!(again, Err(StorageError::NotFound)), "{again:?}");
+    let r = s.update_card("mer_a", "card_3", &make_default).await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    // After all cards are gone the next one is the default again.
+    assert_eq!(
+        add_card(s, &c1).await,
+        CardInsert::Created { default: true }
+    );
+    assert_eq!(
+        default_card(s, "mer_a", "cus_2").await.as_deref(),
+        Some("card_other")
+    );
+
+    let missing = s
+        .insert_card(
+            &card("mer_a", "cus_missing", "card_x", 5),
+            &audit("card.create", Some("mer_a"), None),
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(StorageError::NotFound)),
+        "{missing:?}"
+    );
+
+    // The schema refuses what no card may hold.
+    let invalid = [
+        CardRecord {
+            exp_month: 13,
+            ..card("mer_a", "cus_2", "card_bad1", 6)
+        },
+        CardRecord {
+            bin: "4242424242424242".to_string(),
+            ..card("mer_a", "cus_2", "card_bad2", 7)
+        },
+        CardRecord {
+            last4: "42424".to_string(),
+            ..card("mer_a", "cus_2", "card_bad3", 8)
+        },
+        CardRecord {
+            last4: "42a4".to_string(),
+            ..card("mer_a", "cus_2", "card_bad4", 10)
+        },
+    ];
+    for bad in &invalid {
+        let r = s
+            .insert_card(bad, &audit("card.create", Some("mer_a"), Some(&bad.id)))
+            .await;
+        assert!(r.is_err(), "{} accepted", bad.id);
+        assert_eq!(s.get_card("mer_a", &bad.id).await.unwrap(), None);
+    }
+
+    let log = all_audit(s).await;
+    assert_eq!(
+        events(&log, "card.create"),
+        ["card_1", "card_2", "card_3", "card_other", "card_1"]
+            .map(|id| Some(id.to_string()))
+            .to_vec(),
+        "duplicates and failures are not audited"
+    );
+    assert_eq!(
+        events(&log, "card.delete"),
+        ["card_2", "card_1", "card_3"]
+            .map(|id| Some(id.to_string()))
+            .to_vec()
+    );
+}
+
+async fn concurrent_duplicate_cards_dedupe(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    for round in 0..5u8 {
+        let customer_id = format!("cus_{round}");
+        add_customer(s, "mer_a", &customer_id).await;
+        let a = card(
+            "mer_a",
+            &customer_id,
+            &format!("card_{round}_a"),
+            40 + round,
+        );
+        let b = card(
+            "mer_a",
+            &customer_id,
+            &format!("card_{round}_b"),
+            40 + round,
+        );
+        let (ra, rb) = tokio::join!(add_card(s, &a), add_card(s, &b));
+        let cards = s.list_cards("mer_a", &customer_id).await.unwrap();
+        assert_eq!(cards.len(), 1, "round {round}: {cards:?}");
+        let winner = cards[0].clone();
+        let created = CardInsert::Created { default: true };
+        let existing = CardInsert::Existing(winner.clone());
+        assert!(
+            (ra == created && rb == existing) || (ra == existing && rb == created),
+            "round {round}: {ra:?} / {rb:?}"
+        );
+        assert_eq!(
+            default_card(s, "mer_a", &customer_id).await,
+            Some(winner.id.clone())
+        );
+    }
+}
+
+async fn delete_customer_removes_cards_and_audits(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_gone").await;
+    add_customer(s, "mer_a", "cus_kept").await;
+    add_card(s, &card("mer_a", "cus_gone", "card_g1", 1)).await;
+    add_card(s, &card("mer_a", "cus_gone", "card_g2", 2)).await;
+    let kept = card("mer_a", "cus_kept", "card_k1", 1);
+    add_card(s, &kept).await;
+    let before = all_audit(s).await;
+    let last_seq = before.last().unwrap().seq;
+
+    let card_audit = |c: &CardRecord| AuditEntry {
+        detail: Some(format!("last4={}", c.last4)),
+        ..audit("card.delete", Some(&c.merchant_id), Some(&c.id))
+    };
+    s.delete_customer(
+        "mer_a",
+        "cus_gone",
+        &audit("customer.delete", Some("mer_a"), Some("cus_gone")),
+        &card_audit,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(s.get_customer("mer_a", "cus_gone").await.unwrap(), None);
+    assert_eq!(s.get_card("mer_a", "card_g1").await.unwrap(), None);
+    assert_eq!(s.get_card("mer_a", "card_g2").await.unwrap(), None);
+    assert!(s.list_cards("mer_a", "cus_gone").await.unwrap().is_empty());
+    assert_eq!(s.list_cards("mer_a", "cus_kept").await.unwrap(), vec![kept]);
+    assert_eq!(
+        default_card(s, "mer_a", "cus_kept").await.as_deref(),
+        Some("card_k1")
+    );
+
+    let new: Vec<(String, Option<String>, Option<String>)> = s
+        .list_audit(last_seq, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.entry.event, r.entry.resource, r.entry.detail))
+        .collect();
+    let entry = |event: &str, resource: &str, detail: Option<&str>| {
+        (
+            event.to_string(),
+            Some(resource.to_string()),
+            detail.map(str::to_string),
+        )
+    };
+    assert_eq!(
+        new,
+        vec![
+            entry("customer.delete", "cus_gone", None),
+            entry("card.delete", "card_g1", Some("last4=4242")),
+            entry("card.delete", "card_g2", Some("last4=4242")),
+        ]
+    );
+}
+
+async fn idempotency_keys(s: &dyn Storage) {
+    let (h1, h2) = ([1u8; 32], [2u8; 32]);
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k1", &h1, 100)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k1", &h2, 101)
+            .await
+            .unwrap(),
+        IdempotencyClaim::InFlight { request_hash: h1 }
+    );
+    s.complete_idempotency_key("mer_a", "k1", 201, b"{\"id\":\"cus_1\"}")
+        .await
+        .unwrap();
+    let completed = IdempotencyClaim::Completed {
+        request_hash: h1,
+        status: 201,
+        body: b"{\"id\":\"cus_1\"}".to_vec(),
+    };
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k1", &h1, 102)
+            .await
+            .unwrap(),
+        completed
+    );
+    // A completed response cannot be released.
+    s.release_idempotency_key("mer_a", "k1").await.unwrap();
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k1", &h2, 103)
+            .await
+            .unwrap(),
+        completed
+    );
+    // Keys are per merchant.
+    assert_eq!(
+        s.claim_idempotency_key("mer_b", "k1", &h2, 104)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    // A released claim can be claimed again.
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k2", &h1, 105)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    s.release_idempotency_key("mer_a", "k2").await.unwrap();
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k2", &h2, 106)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k2", &h1, 107)
+            .await
+            .unwrap(),
+        IdempotencyClaim::InFlight { request_hash: h2 }
+    );
+    s.complete_idempotency_key("mer_a", "k2", 402, b"")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k2", &h2, 108)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Completed {
+            request_hash: h2,
+            status: 402,
+            body: vec![],
+        }
+    );
+    let r = s
+        .complete_idempotency_key("mer_a", "k_missing", 200, b"{}")
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+
+    // Racing claims: exactly one wins.
+    let (ra, rb) = tokio::join!(
+        s.claim_idempotency_key("mer_a", "k3", &h1, 109),
+        s.claim_idempotency_key("mer_a", "k3", &h1, 109)
+    );
+    let claimed = [ra.unwrap(), rb.unwrap()]
+        .iter()
+        .filter(|c| **c == IdempotencyClaim::Claimed)
+        .count();
+    assert_eq!(claimed, 1);
+}
+
+fn data_key(id: &str, merchant: Option<&str>, purpose: &str, version: i64) -> DataKeyRecord {
+    DataKeyRecord {
+        id: id.to_string(),
+        merchant_id: merchant.map(str::to_string),
+        purpose: purpose.to_string(),
+        version,
+        mode: "envelope".to_string(),
+        wrapped: Some(vec![7; 60]),
+        wrapping_label: "cardvault-mk-mer_a-v1".to_string(),
+        seals_reserved: 0,
+        created_at: 1_000,
+        retired_at: None,
+    }
+}
+
+async fn data_keys_and_seal_reservations(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    let k1 = data_key("dek_1", Some("mer_a"), "pan", 1);
+    s.insert_data_key(&k1).await.unwrap();
+    assert_eq!(s.get_data_key("dek_1").await.unwrap(), Some(k1.clone()));
+    assert_eq!(s.get_data_key("dek_missing").await.unwrap(), None);
+    assert_eq!(
+        s.current_data_key(Some("mer_a"), "pan").await.unwrap(),
+        Some(k1.clone())
+    );
+
+    assert_eq!(s.reserve_seals("dek_1", 1_000).await.unwrap(), 1_000);
+    assert_eq!(s.reserve_seals("dek_1", 500).await.unwrap(), 1_500);
+    assert_eq!(
+        s.get_data_key("dek_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .seals_reserved,
+        1_500
+    );
+    let r = s.reserve_seals("dek_missing", 10).await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    assert!(s.reserve_seals("dek_1", -10).await.is_err());
+
+    // Concurrent reservations never hand out the same block.
+    let results =
+        futures_util::future::join_all((0..10).map(|_| s.reserve_seals("dek_1", 100))).await;
+    let totals: BTreeSet<i64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(totals, (1..=10).map(|i| 1_500 + 100 * i).collect());
+    assert_eq!(
+        s.get_data_key("dek_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .seals_reserved,
+        2_500
+    );
+
+    // Newest non-retired version wins.
+    let k2 = data_key("dek_2", Some("mer_a"), "pan", 2);
+    let k3 = DataKeyRecord {
+        retired_at: Some(2_000),
+        ..data_key("dek_3", Some("mer_a"), "pan", 3)
+    };
+    s.insert_data_key(&k2).await.unwrap();
+    s.insert_data_key(&k3).await.unwrap();
+    assert_eq!(
+        s.current_data_key(Some("mer_a"), "pan").await.unwrap(),
+        Some(k2.clone())
+    );
+    assert_eq!(
+        s.current_data_key(Some("mer_a"), "volatile").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.current_data_key(Some("mer_other"), "pan").await.unwrap(),
+        None
+    );
+
+    // System keys (no merchant) live apart from merchant keys.
+    let system = DataKeyRecord {
+        mode: "hsm".to_string(),
+        wrapped: None,
+        wrapping_label: "cardvault-audit-v1".to_string(),
+        ..data_key("dek_sys", None, "audit", 1)
+    };
+    s.insert_data_key(&system).await.unwrap();
+    assert_eq!(
+        s.current_data_key(None, "audit").await.unwrap(),
+        Some(system)
+    );
+    assert_eq!(s.current_data_key(None, "pan").await.unwrap(), None);
+    assert_eq!(
+        s.current_data_key(Some("mer_a"), "audit").await.unwrap(),
+        None
+    );
+
+    // One key per (owner, purpose, version), also for system keys.
+    let r = s
+        .insert_data_key(&data_key("dek_2b", Some("mer_a"), "pan", 2))
+        .await;
+    assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
+    let r = s
+        .insert_data_key(&data_key("dek_sys2", None, "audit", 1))
+        .await;
+    assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
+    let r = s
+        .insert_data_key(&data_key("dek_1", Some("mer_a"), "pan", 9))
+        .await;
+    assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
+}
+
+async fn audit_append_and_list(s: &dyn Storage) {
+    let entries: Vec<AuditEntry> = (0..5)
+        .map(|i| AuditEntry {
+            at: 1_700_000_000 + i,
+            actor: if i % 2 == 0 { "operator" } else { "key_1" }.to_string(),
+            merchant_id: (i % 2 == 1).then(|| "mer_a".to_string()),
+            event: format!("event.{i}"),
+            resource: (i != 3).then(|| format!("res_{i}")),
+            outcome: ["success", "denied", "failure"][i as usize % 3].to_string(),
+            origin: (i == 1).then(|| "10.0.0.1".to_string()),
+            request_id: Some(format!("req_{i}")),
+            detail: (i == 4).then(|| "last4=4242".to_string()),
+        })
+        .collect();
+    for e in &entries {
+        s.append_audit(e).await.unwrap();
+    }
+    let first = s.list_audit(0, 3).await.unwrap();
+    assert_eq!(
+        first.iter().map(|r| r.entry.clone()).collect::<Vec<_>>(),
+        entries[..3]
+    );
+    assert!(first.windows(2).all(|w| w[0].seq < w[1].seq));
+    let rest = s.list_audit(first[2].seq, 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|r| r.entry.clone()).collect::<Vec<_>>(),
+        entries[3..]
+    );
+    assert!(rest[0].seq > first[2].seq);
+    assert!(s.list_audit(rest[1].seq, 10).await.unwrap().is_empty());
+    assert!(s.list_audit(0, 0).await.unwrap().is_empty());
+}
+
+// ------------------------------------------------- backend-specific checks
+
+/// Column names that could suggest a plaintext PAN or CVV.
+fn suspicious_column(table: &str, column: &str) -> bool {
+    let c = column.to_ascii_lowercase();
+    let allowed = ["pan_ciphertext", "pan_length"];
+    (c.contains("pan")
+        || c.contains("cvv")
+        || c.contains("cvc")
+        || c.contains("security_code")
+        || c.contains("card_number"))
+        && !(table == "cards" && allowed.contains(&c.as_str()))
+}
+
+const TABLES: [&str; 7] = [
+    "merchants",
+    "api_keys",
+    "customers",
+    "cards",
+    "data_keys",
+    "idempotency_keys",
+    "audit_log",
+];
+
+#[tokio::test]
+async fn sqlite_is_durable_and_schema_holds_no_pan() {
+    let db = sqlite_db().await;
+    let pool = db.storage.pool();
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(journal, "wal");
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(synchronous, 2, "synchronous=FULL");
+    let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(foreign_keys, 1);
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(busy >= 1_000, "busy_timeout {busy}");
+
+    for table in TABLES {
+        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert!(!columns.is_empty(), "table {table} missing");
+        for column in columns {
+            assert!(!suspicious_column(table, &column), "{table}.{column}");
+        }
+    }
+
+    // The audit trail is append-only.
+    db.storage
+        .append_audit(&audit("x", None, None))
+        .await
+        .unwrap();
+    assert!(sqlx::query("UPDATE audit_log SET event = 'y'")
+        .execute(pool)
+        .await
+        .is_err());
+    assert!(sqlx::query("DELETE FROM audit_log")
+        .execute(pool)
+        .await
+        .is_err());
+    assert_eq!(db.storage.list_audit(0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn postgres_is_durable_and_schema_holds_no_pan() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let pool = db.storage().pool();
+    // Every pooled connection, not just one.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(pool.acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(sync, "on");
+    }
+    drop(conns);
+
+    for table in TABLES {
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert!(!columns.is_empty(), "table {table} missing");
+        for column in columns {
+            assert!(!suspicious_column(table, &column), "{table}.{column}");
+        }
+    }
+
+    let storage = db.storage();
+    storage.append_audit(&audit("x", None, None)).await.unwrap();
+    assert!(sqlx::query("UPDATE audit_log SET event = 'y'")
+        .execute(pool)
+        .await
+        .is_err());
+    assert!(sqlx::query("DELETE FROM audit_log")
+        .execute(pool)
+        .await
+        .is_err());
+    assert!(sqlx::query("TRUNCATE audit_log")
+        .execute(pool)
+        .await
+        .is_err());
+    assert_eq!(storage.list_audit(0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unreachable_databases_are_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("no-such-dir").join("vault.db").display()
+    );
+    let r = SqliteStorage::connect(&url, 1).await;
+    assert!(matches!(r, Err(StorageError::Unavailable(_))), "{r:?}");
+
+    // Nothing listens on port 1.
+    let r = PgStorage::connect("postgres://postgres@127.0.0.1:1/cardvault", 1).await;
+    assert!(matches!(r, Err(StorageError::Unavailable(_))), "{r:?}");
+
+    let r = connect("mysql://localhost/x", 1).await;
+    assert!(matches!(r, Err(StorageError::Other(_))));
+}
+
+#[test]
+fn database_names_are_replaced_in_urls() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/test", "cv_1"),
+        "postgres://u@h:5432/cv_1"
+    );
+    assert_eq!(
+        with_database("postgres://u@h:5432/test?sslmode=disable", "cv_1"),
+        "postgres://u@h:5432/cv_1?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("postgres://u@h", "cv_1"),
+        "postgres://u@h/cv_1"
+    );
+}

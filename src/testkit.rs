@@ -1,0 +1,48 @@
+//! Test and benchmark support: fresh SoftHSM tokens in a per-process
+//! directory. Not used by the vault itself.
+#![allow(clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use cardvault_hsm::{softhsm, Pin, Pkcs11Config, Pkcs11Custodian};
+
+/// SoftHSM reads `SOFTHSM2_CONF` once, at `C_Initialize`, so a process has a
+/// single token directory: this creates it on first use and points the
+/// variable at it. Every caller then gets its own token inside it.
+pub fn softhsm_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cardvault-softhsm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create softhsm dir");
+        let conf = softhsm::write_config(&dir).expect("write softhsm2.conf");
+        std::env::set_var("SOFTHSM2_CONF", conf);
+        dir
+    })
+}
+
+/// Module path of SoftHSM on this machine.
+pub fn module_path() -> PathBuf {
+    softhsm::default_module_path().expect("SoftHSM is not installed (apt-get install softhsm2)")
+}
+
+/// Creates a fresh token with a unique label and returns its config.
+pub fn fresh_token_config() -> Pkcs11Config {
+    softhsm_dir();
+    let label = crate::domain::new_id("t")[..24].to_string();
+    let pin = Pin::new(crate::domain::new_id("pin"));
+    let so_pin = Pin::new(crate::domain::new_id("so"));
+    softhsm::init_token(&module_path(), &label, &so_pin, &pin).expect("init token");
+    Pkcs11Config {
+        module_path: module_path(),
+        token_label: label,
+        user_pin: pin,
+        max_sessions: 8,
+    }
+}
+
+/// A custodian over a fresh token.
+pub fn fresh_custodian() -> Arc<Pkcs11Custodian> {
+    Arc::new(Pkcs11Custodian::connect(fresh_token_config()).expect("connect to token"))
+}

@@ -1,0 +1,8 @@
+//! Black-box API tests over real TLS: one test binary, each test with its
+//! own server, database and SoftHSM token, on SQLite and PostgreSQL and in
+//! both crypto modes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod support;
+
+mod endpoints;
