@@ -371,3 +371,21 @@ mod tests {
         assert_eq!(c.crypto.mode, CryptoMode::Hsm);
     }
 }
+
+#[cfg(test)]
+mod example {
+    #![allow(clippy::unwrap_used)]
+
+    /// The commented example in the repository parses and validates as is
+    /// (with dev mode, which needs no certificate paths).
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("cardvault.example.toml");
+        let mut cfg: super::Config = toml::from_str(text).unwrap();
+        assert!(!cfg.dev);
+        assert!(cfg.validate().is_err(), "production without certificates is refused");
+        cfg.dev = true;
+        cfg.validate().unwrap();
+        assert_eq!(cfg.crypto.seal_limit, 1 << 32);
+    }
+}

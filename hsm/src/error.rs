@@ -105,9 +105,11 @@ impl HsmError {
     /// PKCS#11 function itself.
     pub(crate) fn from_cryptoki(op: &'static str, err: &CkError) -> Self {
         match err {
-            CkError::LibraryLoading(e) => {
-                HsmError::new(op, HsmErrorKind::ModuleLoad, format!("cannot load module: {e}"))
-            }
+            CkError::LibraryLoading(e) => HsmError::new(
+                op,
+                HsmErrorKind::ModuleLoad,
+                format!("cannot load module: {e}"),
+            ),
             CkError::MissingSymbol(sym) => HsmError::new(
                 op,
                 HsmErrorKind::ModuleLoad,

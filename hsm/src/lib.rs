@@ -8,6 +8,19 @@
 //!
 //! The trait is synchronous and may block on the device: async callers run it
 //! inside `tokio::task::spawn_blocking`.
+//!
+//! Layout:
+//! - [`KeyCustodian`], [`KeyPurpose`], [`KeyInfo`] (here): the interface.
+//! - `pkcs11`: [`Pkcs11Custodian`], the implementation over `cryptoki`, with
+//!   its session pool, handle cache and reconnect-and-retry-once recovery.
+//! - `error`: [`HsmError`] / [`HsmErrorKind`]; `cryptoki` errors are mapped
+//!   there and nowhere else.
+//! - `secret`: [`Pin`], a PIN that cannot be printed and is zeroized.
+//! - `context`: the process-wide registry of initialized PKCS#11 modules
+//!   (`C_Initialize` runs once per module per process).
+//! - [`softhsm`]: SoftHSM fixtures for development and tests (configuration,
+//!   in-process token creation). `hsm/softhsm2.conf.template` and
+//!   `hsm/init-token.sh` are the same for shells.
 
 mod context;
 mod error;
@@ -16,7 +29,7 @@ mod secret;
 pub mod softhsm;
 
 pub use error::{HsmError, HsmErrorKind};
-pub use pkcs11::{Pkcs11Custodian, Pkcs11Config};
+pub use pkcs11::{Pkcs11Config, Pkcs11Custodian};
 pub use secret::Pin;
 
 /// Length in bytes of the IV used for AES-GCM operations inside the HSM.

@@ -7,6 +7,12 @@
 //! retries the operation once; if that fails too the caller gets
 //! [`HsmErrorKind::Unavailable`] and the next call starts over, so the vault
 //! heals by itself when the token comes back.
+//!
+//! SoftHSM 2.6 caveat: once it notices that a token's directory vanished it
+//! marks the token broken for the rest of the process (C_GetTokenInfo answers
+//! CKR_GENERAL_ERROR even after the directory is back), so there the calls
+//! stay `Unavailable` until the process restarts. Lost sessions and logins
+//! are recovered in-process.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -343,7 +349,10 @@ impl Pkcs11Custodian {
             // A cached slot number is only trusted after its label is checked:
             // another token may have taken the number.
             Some(slot) => {
-                let info = self.ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+                let info = self
+                    .ctx
+                    .get_token_info(slot)
+                    .map_err(ck("C_GetTokenInfo"))?;
                 if info.label() != self.token_label {
                     return Err(self.token_not_found());
                 }
@@ -390,10 +399,17 @@ impl Pkcs11Custodian {
     }
 
     /// Forgets all sessions, cached handles and the slot number, so the next
-    /// checkout finds the token by label and logs in afresh.
-    fn reset(&self, cause: &Failure) {
+    /// checkout finds the token by label and logs in afresh. `seen` is the
+    /// generation the failure was observed in: when another thread has reset
+    /// since, the state is already fresh and is left alone (one disruption
+    /// seen by many threads must not become many resets, each closing the
+    /// sessions and handles the previous recovery just made).
+    fn reset(&self, cause: &Failure, seen: u64) {
         let stale = {
             let mut pool = self.lock_pool();
+            if pool.generation != seen {
+                return;
+            }
             pool.generation = pool.generation.wrapping_add(1);
             pool.slot = None;
             pool.open = 0;
@@ -414,37 +430,51 @@ impl Pkcs11Custodian {
     /// Runs `f` on a pooled session; on session/token trouble reconnects and
     /// retries once; a second failure of that sort is `Unavailable`.
     fn run<T>(&self, f: impl Fn(&Lease) -> Result<T, Failure>) -> Result<T, HsmError> {
-        let first = match self.attempt(&f) {
+        let (first, seen) = match self.attempt(&f, true) {
             Ok(v) => return Ok(v),
-            Err(fail) if fail.needs_reconnect() => fail,
-            Err(fail) => return Err(fail.into_error()),
+            Err((fail, seen)) if fail.needs_reconnect() => (fail, seen),
+            Err((fail, _)) => return Err(fail.into_error()),
         };
-        self.reset(&first);
+        self.reset(&first, seen);
         let first = first.into_error();
         tracing::warn!(token = %self.token_label, error = %first, "HSM session lost; reconnecting and retrying once");
-        match self.attempt(&f) {
+        match self.attempt(&f, false) {
             Ok(v) => {
                 tracing::info!(token = %self.token_label, "HSM reconnected");
                 Ok(v)
             }
-            Err(fail) if fail.needs_reconnect() => {
-                self.reset(&fail);
+            Err((fail, seen)) if fail.needs_reconnect() => {
+                self.reset(&fail, seen);
                 let err = fail.into_error().with_kind(HsmErrorKind::Unavailable);
                 tracing::warn!(token = %self.token_label, error = %err, "HSM unavailable after reconnect");
                 Err(err)
             }
-            Err(fail) => Err(fail.into_error()),
+            Err((fail, _)) => Err(fail.into_error()),
         }
     }
 
-    fn attempt<T>(&self, f: &impl Fn(&Lease) -> Result<T, Failure>) -> Result<T, Failure> {
-        let lease = self.checkout()?;
-        if self.stale_handle_pending.swap(false, Ordering::SeqCst) {
+    /// One try of `f`. A failure comes with the pool generation it was seen
+    /// in, for [`Self::reset`].
+    fn attempt<T>(
+        &self,
+        f: &impl Fn(&Lease) -> Result<T, Failure>,
+        first: bool,
+    ) -> Result<T, (Failure, u64)> {
+        let before = self.lock_pool().generation;
+        let lease = self.checkout().map_err(|fail| (fail, before))?;
+        let seen = lease.generation;
+        // The hook's dead handles were in the pool before any reconnect, so
+        // only a first attempt can meet one.
+        if first && self.stale_handle_pending.swap(false, Ordering::SeqCst) {
             self.checkin(lease, false);
-            return Err(Failure::Pkcs11 {
-                op: "C_GetSessionInfo",
-                err: CkError::Pkcs11(RvError::SessionHandleInvalid, Function::GetSessionInfo),
-            });
+            let err = CkError::Pkcs11(RvError::SessionHandleInvalid, Function::GetSessionInfo);
+            return Err((
+                Failure::Pkcs11 {
+                    op: "C_GetSessionInfo",
+                    err,
+                },
+                seen,
+            ));
         }
         let result = f(&lease);
         let keep = match &result {
@@ -452,7 +482,7 @@ impl Pkcs11Custodian {
             Err(fail) => fail.session_reusable(),
         };
         self.checkin(lease, keep);
-        result
+        result.map_err(|fail| (fail, seen))
     }
 
     /// The handle of the secret key `label`, from the cache or the token.
@@ -472,19 +502,28 @@ impl Pkcs11Custodian {
 
     /// Searches the token for the secret key `label` and caches the handle.
     fn lookup(&self, lease: &Lease, label: &str) -> Result<Option<ObjectHandle>, Failure> {
-        let found = lease
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Token(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .map_err(ck("C_FindObjects"))?;
+        let search = || {
+            lease
+                .session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Token(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])
+                .map_err(ck("C_FindObjects"))
+        };
+        let mut found = search()?;
+        if found.is_empty() {
+            // Only believe "no such key" from a logged-in session on a token
+            // that answers, and from a search that started after that was
+            // checked: a search racing with a logout and re-login elsewhere
+            // in the process misses private objects. A wrong "not found"
+            // would make `ensure_key` create a second key.
+            confirm_miss(&self.ctx, lease)?;
+            found = search()?;
+        }
         match found.as_slice() {
-            [] => {
-                confirm_miss(&self.ctx, lease)?;
-                Ok(None)
-            }
+            [] => Ok(None),
             [handle] => {
                 let mut pool = self.lock_pool();
                 if pool.generation == lease.generation {
@@ -659,6 +698,8 @@ fn key_info(session: &Session, handle: ObjectHandle) -> Result<KeyInfo, Failure>
             Attribute::KeyType(k) => {
                 info.key_type = k.to_string().trim_start_matches("CKK_").to_owned();
             }
+            // CK_ULONG is 32 bits on some platforms.
+            #[allow(clippy::useless_conversion)]
             Attribute::ValueLen(n) => info.value_len = Some(u64::from(*n)),
             Attribute::Token(b) => info.token = b,
             Attribute::Private(b) => info.private = b,
@@ -682,7 +723,11 @@ fn parse_created(id: &[u8]) -> Option<i64> {
 }
 
 /// Whether an existing key has the type and usage flags `purpose` asks for.
-fn matches_purpose(session: &Session, handle: ObjectHandle, purpose: KeyPurpose) -> Result<bool, Failure> {
+fn matches_purpose(
+    session: &Session,
+    handle: ObjectHandle,
+    purpose: KeyPurpose,
+) -> Result<bool, Failure> {
     let attrs = session
         .get_attributes(
             handle,
@@ -807,11 +852,25 @@ impl KeyCustodian for Pkcs11Custodian {
         }
         self.run(|lease| {
             let key = self.key_handle(lease, label)?;
-            let mut iv = *iv;
-            let mechanism = Mechanism::AesGcm(gcm_params(&mut iv, aad)?);
-            match lease.session.decrypt(&mechanism, key, ciphertext_and_tag) {
+            let attempt = || -> Result<Result<Vec<u8>, CkError>, Failure> {
+                let mut iv = *iv;
+                let mechanism = Mechanism::AesGcm(gcm_params(&mut iv, aad)?);
+                Ok(lease.session.decrypt(&mechanism, key, ciphertext_and_tag))
+            };
+            match attempt()? {
                 Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
-                Err(err) => Err(decrypt_failure(&self.ctx, lease, err)),
+                Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)) => {
+                    // SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR.
+                    // Only believe that when session and token are fine and a
+                    // second try fails the same way (a mismatch is
+                    // deterministic; a transient failure is not).
+                    confirm_miss(&self.ctx, lease)?;
+                    match attempt()? {
+                        Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+                        Err(err) => Err(decrypt_failure(err, true)),
+                    }
+                }
+                Err(err) => Err(decrypt_failure(err, false)),
             }
         })
     }
@@ -856,6 +915,8 @@ impl KeyCustodian for Pkcs11Custodian {
 
     fn inventory(&self) -> Result<Vec<KeyInfo>, HsmError> {
         self.run(|lease| {
+            // Private objects are listed only while logged in: check before
+            // and after, so a logout in between cannot shorten the list.
             confirm_miss(&self.ctx, lease)?;
             let handles = lease
                 .session
@@ -865,6 +926,7 @@ impl KeyCustodian for Pkcs11Custodian {
                 .into_iter()
                 .map(|h| key_info(&lease.session, h))
                 .collect::<Result<Vec<_>, _>>()?;
+            confirm_miss(&self.ctx, lease)?;
             keys.sort_by(|a, b| a.label.cmp(&b.label));
             Ok(keys)
         })
@@ -875,32 +937,31 @@ impl KeyCustodian for Pkcs11Custodian {
     }
 }
 
-/// What a failed `C_Decrypt` means. Tokens report a GCM tag mismatch
-/// differently (CKR_ENCRYPTED_DATA_INVALID per the spec; SoftHSM says
-/// CKR_GENERAL_ERROR); a general error while session and token still answer
-/// is taken as bad data, not as a broken token.
-fn decrypt_failure(ctx: &Pkcs11, lease: &Lease, err: CkError) -> Failure {
-    match err {
-        CkError::Pkcs11(
+/// What a failed `C_Decrypt` means: the spec's answers for a bad ciphertext
+/// or tag are `InvalidData`; so is CKR_GENERAL_ERROR once the caller has
+/// ruled out a broken session or token (`general_is_data`); anything else
+/// goes through the usual classification.
+fn decrypt_failure(err: CkError, general_is_data: bool) -> Failure {
+    let is_data = match &err {
+        CkError::Pkcs11(rv, _) => match rv {
             RvError::EncryptedDataInvalid
             | RvError::EncryptedDataLenRange
             | RvError::DataInvalid
-            | RvError::DataLenRange,
-            _,
-        ) => Failure::Final(
+            | RvError::DataLenRange => true,
+            RvError::GeneralError | RvError::FunctionFailed => general_is_data,
+            _ => false,
+        },
+        _ => false,
+    };
+    if is_data {
+        Failure::Final(
             HsmError::from_cryptoki("C_Decrypt", &err).with_kind(HsmErrorKind::InvalidData),
-        ),
-        CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)
-            if confirm_miss(ctx, lease).is_ok() =>
-        {
-            Failure::Final(
-                HsmError::from_cryptoki("C_Decrypt", &err).with_kind(HsmErrorKind::InvalidData),
-            )
-        }
-        err => Failure::Pkcs11 {
+        )
+    } else {
+        Failure::Pkcs11 {
             op: "C_Decrypt",
             err,
-        },
+        }
     }
 }
 
@@ -913,7 +974,7 @@ mod tests {
     fn template_records_creation_and_purpose_only() {
         let now = time::macros::datetime!(2025-03-04 05:06:07 UTC);
         let t = key_template("kek", KeyPurpose::KeyEncryption, now).unwrap();
-        let has = |a: Attribute| t.iter().any(|x| *x == a);
+        let has = |a: Attribute| t.contains(&a);
         assert!(has(Attribute::StartDate(
             Date::new_from_str_slice("2025", "03", "04").unwrap()
         )));

@@ -123,6 +123,8 @@ mod tests {
     #[test]
     fn env_errors_name_the_variable_not_the_value() {
         let err = Pin::from_env("CARDVAULT_TEST_SURELY_UNSET_PIN_VAR").unwrap_err();
-        assert!(err.to_string().contains("CARDVAULT_TEST_SURELY_UNSET_PIN_VAR"));
+        assert!(err
+            .to_string()
+            .contains("CARDVAULT_TEST_SURELY_UNSET_PIN_VAR"));
     }
 }

@@ -7,6 +7,11 @@
 //! [`crate::Pkcs11Custodian::connect`] in the process). Set the variable to the
 //! path [`write_config`] returns before the first PKCS#11 use; changing it
 //! later has no effect in that process.
+//!
+//! A token made by [`init_token`] is visible to later lookups in the same
+//! process. A token made by another process (e.g. `hsm/init-token.sh`) after
+//! this process initialized the module is not: SoftHSM scans its token
+//! directory only at `C_Initialize`, so such a token is seen after a restart.
 
 use std::fs;
 use std::io;
@@ -53,14 +58,20 @@ pub fn write_config(dir: &Path) -> io::Result<PathBuf> {
         .mode(0o700)
         .create(&tokens)?;
     fs::set_permissions(&tokens, fs::Permissions::from_mode(0o700))?;
-    let tokens = tokens.to_str().filter(|s| !s.contains('\n')).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "token directory path must be UTF-8 without newlines",
-        )
-    })?;
+    let tokens = tokens
+        .to_str()
+        .filter(|s| !s.contains('\n'))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "token directory path must be UTF-8 without newlines",
+            )
+        })?;
     let config = dir.join("softhsm2.conf");
-    fs::write(&config, CONFIG_TEMPLATE.replace(TOKENDIR_PLACEHOLDER, tokens))?;
+    fs::write(
+        &config,
+        CONFIG_TEMPLATE.replace(TOKENDIR_PLACEHOLDER, tokens),
+    )?;
     Ok(config)
 }
 
@@ -83,7 +94,10 @@ pub fn token_directory(dir: &Path, label: &str) -> io::Result<Option<PathBuf>> {
             continue;
         }
         let content = fs::read(&object)?;
-        if content.windows(padded.len()).any(|w| w == padded.as_slice()) {
+        if content
+            .windows(padded.len())
+            .any(|w| w == padded.as_slice())
+        {
             return Ok(Some(path));
         }
     }
@@ -95,7 +109,12 @@ pub fn token_directory(dir: &Path, label: &str) -> io::Result<Option<PathBuf>> {
 /// SO and `C_InitPIN`s the user PIN. Does nothing when a token with that
 /// label exists already. Uses the shared module context, so it can run in a
 /// process that also has custodians; calls are serialized.
-pub fn init_token(module: &Path, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<(), HsmError> {
+pub fn init_token(
+    module: &Path,
+    label: &str,
+    so_pin: &Pin,
+    user_pin: &Pin,
+) -> Result<(), HsmError> {
     if label.is_empty() || label.len() > 32 {
         return Err(HsmError::new(
             "init token",

@@ -155,8 +155,14 @@ impl IntoResponse for ApiError {
 }
 
 /// Masks runs of 12 or more digits in text that came from a client, so
-/// nothing that could be a card number is echoed back or logged.
+/// nothing that could be a card number is echoed back or logged. The result
+/// is cut to 100 characters.
 pub fn mask_digits(s: &str) -> String {
+    mask_digit_runs(s).chars().take(100).collect()
+}
+
+/// [`mask_digits`] without the length cut.
+pub fn mask_digit_runs(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut run = String::new();
     let flush = |run: &mut String, out: &mut String| {
@@ -176,5 +182,5 @@ pub fn mask_digits(s: &str) -> String {
         }
     }
     flush(&mut run, &mut out);
-    out.chars().take(100).collect()
+    out
 }

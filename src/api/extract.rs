@@ -49,12 +49,16 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 /// Parses JSON into `T`, mapping serde's errors to client-safe messages.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
-    result.map_err(|err| {
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut *de);
+    let value = result.map_err(|err| {
         let path = mask_digits(&err.path().to_string());
         let inner = err.into_inner();
         json_error(&path, &inner)
-    })
+    })?;
+    // Anything after the document (a second document, stray text) is an
+    // error, not something to ignore.
+    de.end().map_err(|e| json_error(".", &e))?;
+    Ok(value)
 }
 
 fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
@@ -82,7 +86,12 @@ fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
                 let param = join(field);
                 ApiError::invalid("parameter_missing", format!("{param} is required")).with_param(param)
             } else if let Some(field) = between(&msg, "unknown field `", "`") {
-                let param = join(&mask_digits(field));
+                // The path already ends with the unknown key.
+                let param = if base.is_empty() {
+                    mask_digits(field)
+                } else {
+                    base.to_string()
+                };
                 ApiError::invalid("parameter_unknown", format!("unknown field {param}")).with_param(param)
             } else if let Some(expected) = expected(&msg) {
                 let param = if base.is_empty() { "body".to_string() } else { base.to_string() };

@@ -92,7 +92,9 @@ async fn request_id(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     // The path holds object ids only; query strings (e.g. an email search)
     // and bodies are never logged.
-    let path = req.uri().path().chars().take(200).collect::<String>();
+    // A client may put a card number in a path by mistake: digit runs that
+    // could be one are masked.
+    let path = error::mask_digit_runs(&req.uri().path().chars().take(200).collect::<String>());
     let started = Instant::now();
     let mut resp = error::REQUEST_ID.scope(id.clone(), next.run(req)).await;
     if let Ok(v) = HeaderValue::from_str(&id) {

@@ -18,4 +18,4 @@ pub mod pan;
 pub use brand::{Brand, CodeLocation, Funding, SecurityCode, UnknownName};
 pub use expiry::{year_month, Expiry, ExpiryError};
 pub use ids::{is_valid_id, is_valid_secret, new_id, random_secret};
-pub use pan::{Bin, CardMetadataError, Last4, Pan, PanError};
+pub use pan::{contains_pan_like, Bin, CardMetadataError, Last4, Pan, PanError};

@@ -565,3 +565,55 @@ mod tests {
         }
     }
 }
+
+/// True when `text` holds something that parses as a card number: a run of
+/// 12–19 digits (spaces and dashes between digits allowed) passing Luhn.
+/// Free-text fields use it to refuse card numbers typed in the wrong place.
+pub fn contains_pan_like(text: &str) -> bool {
+    let mut run = String::new();
+    let check = |run: &mut String| {
+        let found = run.len() >= MIN_LEN && Pan::parse(run).is_ok();
+        run.clear();
+        found
+    };
+    let mut prev_digit = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+            prev_digit = true;
+        } else if (c == ' ' || c == '-') && prev_digit {
+            prev_digit = false;
+        } else {
+            if check(&mut run) {
+                return true;
+            }
+            prev_digit = false;
+        }
+        if run.len() > MAX_LEN {
+            // Slide: any 12–19 digit window could be a PAN.
+            for len in MIN_LEN..=MAX_LEN {
+                for start in 0..=run.len() - len {
+                    if Pan::parse(&run[start..start + len]).is_ok() {
+                        return true;
+                    }
+                }
+            }
+            run.clear();
+        }
+    }
+    check(&mut run)
+}
+
+#[cfg(test)]
+mod pan_like_tests {
+    use super::contains_pan_like;
+
+    #[test]
+    fn finds_card_numbers_in_text() {
+        assert!(contains_pan_like("Ana 4111 1111 1111 1111"));
+        assert!(contains_pan_like("x4111-1111-1111-1111y"));
+        assert!(!contains_pan_like("Ana Silva"));
+        assert!(!contains_pan_like("4111 1111 1111 1112"));
+        assert!(!contains_pan_like("123.456.789-09"));
+    }
+}

@@ -41,6 +41,13 @@ fn text(param: &str, value: Option<String>, max: usize) -> ServiceResult<Option<
             if v.chars().count() > max {
                 return Err(too_long(param, max));
             }
+            if crate::domain::contains_pan_like(&v) {
+                return Err(ServiceError::invalid(
+                    param,
+                    "card_number_in_text",
+                    format!("{param} must not contain a card number"),
+                ));
+            }
             if v.chars().any(char::is_control) {
                 return Err(ServiceError::invalid(
                     param,
@@ -60,6 +67,13 @@ pub(crate) fn validate_email(email: &str) -> ServiceResult<String> {
     }
     if email.len() > 254 {
         return Err(too_long("email", 254));
+    }
+    if crate::domain::contains_pan_like(email) {
+        return Err(ServiceError::invalid(
+            "email",
+            "card_number_in_text",
+            "email must not contain a card number",
+        ));
     }
     let valid = match email.split_once('@') {
         Some((local, domain)) => {

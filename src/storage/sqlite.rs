@@ -4,7 +4,8 @@
 //! transaction survives power loss. Write transactions start with
 //! `BEGIN IMMEDIATE`: they take the single write lock up front, so a
 //! read-then-write never fails on a lock upgrade (which `busy_timeout` cannot
-//! wait out) and concurrent writers simply queue.
+//! wait out) and concurrent writers simply queue. `secure_delete` zeroes
+//! deleted rows, so a deleted card's ciphertext does not stay in the file.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -64,7 +65,11 @@ impl SqliteStorage {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            // Zero the bytes of deleted rows instead of leaving them in free
+            // pages: a deleted card's ciphertext and fingerprint must not
+            // linger in the file (or its copies).
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -60,7 +60,8 @@ impl PgDb {
             .await
             .unwrap();
         admin.close().await.ok();
-        let db = PgDb {
+        // Owned before connecting, so a failure below still drops the database.
+        let mut db = PgDb {
             storage: None,
             admin_url: admin_url.clone(),
             name: name.clone(),
@@ -69,10 +70,8 @@ impl PgDb {
             .await
             .unwrap();
         storage.migrate().await.unwrap();
-        Some(PgDb {
-            storage: Some(storage),
-            ..db
-        })
+        db.storage = Some(storage);
+        Some(db)
     }
 
     fn storage(&self) -> &PgStorage {
@@ -1266,6 +1265,11 @@ async fn sqlite_is_durable_and_schema_holds_no_pan() {
         .await
         .unwrap();
     assert!(busy >= 1_000, "busy_timeout {busy}");
+    let secure_delete: i64 = sqlx::query_scalar("PRAGMA secure_delete")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(secure_delete, 1);
 
     for table in TABLES {
         let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
