@@ -96,3 +96,47 @@ pub(crate) fn find_token_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>,
     }
     Ok(found)
 }
+
+/// How many custodians use each module in this process. A module can only
+/// be finalized and initialized again (to recover from a token the library
+/// has given up on) when a single custodian uses it.
+static USERS: OnceLock<Mutex<HashMap<PathBuf, usize>>> = OnceLock::new();
+
+fn users() -> MutexGuard<'static, HashMap<PathBuf, usize>> {
+    USERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The registry key of a module path.
+pub(crate) fn module_key(module: &Path) -> PathBuf {
+    module
+        .canonicalize()
+        .unwrap_or_else(|_| module.to_path_buf())
+}
+
+pub(crate) fn add_user(key: &Path) {
+    *users().entry(key.to_path_buf()).or_insert(0) += 1;
+}
+
+pub(crate) fn remove_user(key: &Path) {
+    if let Some(n) = users().get_mut(key) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+pub(crate) fn sole_user(key: &Path) -> bool {
+    users().get(key).copied() == Some(1)
+}
+
+/// `C_Finalize` then `C_Initialize`: the library forgets every session and
+/// rescans its tokens. The caller guarantees no call is in flight and no
+/// session of the old incarnation will be used again.
+pub(crate) fn restart(ctx: &Pkcs11) -> Result<(), HsmError> {
+    let _contexts = registry();
+    if let Err(e) = ctx.clone().finalize() {
+        tracing::debug!(error = %e, "C_Finalize before re-initialization failed");
+    }
+    initialize(ctx)
+}

@@ -9,15 +9,18 @@
 //! heals by itself when the token comes back.
 //!
 //! SoftHSM 2.6 caveat: once it notices that a token's directory vanished it
-//! marks the token broken for the rest of the process (C_GetTokenInfo answers
-//! CKR_GENERAL_ERROR even after the directory is back), so there the calls
-//! stay `Unavailable` until the process restarts. Lost sessions and logins
-//! are recovered in-process.
+//! marks the token broken for the rest of the library's life (C_GetTokenInfo
+//! answers CKR_GENERAL_ERROR even after the directory is back). When the
+//! token stays unreachable and this custodian is the module's only user in
+//! the process, it restarts the module (`C_Finalize` + `C_Initialize`, at
+//! most once a second, with no call in flight) so a returning token is found
+//! without restarting the vault. Lost sessions and logins are recovered
+//! in-process in any case.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{Function, Pkcs11};
@@ -73,6 +76,22 @@ pub struct Pkcs11Custodian {
     /// Set by [`Pkcs11Custodian::debug_close_all_sessions`]: the next call
     /// sees `CKR_SESSION_HANDLE_INVALID` like a pool whose handles died.
     stale_handle_pending: AtomicBool,
+    /// Registry key of the module, for the user count.
+    module_key: PathBuf,
+    /// Every operation holds this shared; a module restart holds it
+    /// exclusively, so no call is in flight across `C_Finalize`.
+    gate: RwLock<()>,
+    /// When the module was last restarted, to space restarts out.
+    last_restart: Mutex<Option<Instant>>,
+}
+
+/// Minimum time between two module restarts while the token stays away.
+const RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Drop for Pkcs11Custodian {
+    fn drop(&mut self) {
+        context::remove_user(&self.module_key);
+    }
 }
 
 impl std::fmt::Debug for Pkcs11Custodian {
@@ -213,6 +232,8 @@ impl Pkcs11Custodian {
             ));
         }
         let ctx = context::shared(&config.module_path)?;
+        let module_key = context::module_key(&config.module_path);
+        context::add_user(&module_key);
         let custodian = Pkcs11Custodian {
             ctx,
             token_label: config.token_label,
@@ -228,6 +249,9 @@ impl Pkcs11Custodian {
             session_freed: Condvar::new(),
             keygen: Mutex::new(()),
             stale_handle_pending: AtomicBool::new(false),
+            module_key,
+            gate: RwLock::new(()),
+            last_restart: Mutex::new(None),
         };
         let lease = custodian.checkout().map_err(Failure::into_error)?;
         custodian.checkin(lease, true);
@@ -428,8 +452,59 @@ impl Pkcs11Custodian {
     }
 
     /// Runs `f` on a pooled session; on session/token trouble reconnects and
-    /// retries once; a second failure of that sort is `Unavailable`.
+    /// retries once; a second failure of that sort is `Unavailable`. When the
+    /// token stays unreachable, the module itself is restarted (see
+    /// [`Self::restart_module`]) so a token that comes back is found again.
     fn run<T>(&self, f: impl Fn(&Lease) -> Result<T, Failure>) -> Result<T, HsmError> {
+        let result = {
+            let _shared = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+            self.run_gated(f)
+        };
+        if let Err(e) = &result {
+            if matches!(e.kind(), HsmErrorKind::Unavailable | HsmErrorKind::TokenNotFound) {
+                self.restart_module();
+            }
+        }
+        result
+    }
+
+    /// Some libraries give up on a token for the life of the process once it
+    /// vanished (SoftHSM 2.6 marks it broken even after its files return).
+    /// Finalizing and initializing the module again makes it rescan. That is
+    /// only safe when this custodian is the module's only user in the
+    /// process (the vault itself; not a test binary with many tokens), and it
+    /// is done with no call in flight and no old session left.
+    fn restart_module(&self) {
+        if !context::sole_user(&self.module_key) {
+            return;
+        }
+        {
+            let mut last = self.last_restart.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < RESTART_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let stale = {
+            let mut pool = self.lock_pool();
+            pool.generation = pool.generation.wrapping_add(1);
+            pool.slot = None;
+            pool.open = 0;
+            pool.keys.clear();
+            std::mem::take(&mut pool.idle)
+        };
+        self.session_freed.notify_all();
+        for (session, slot) in stale {
+            discard(session, slot);
+        }
+        match context::restart(&self.ctx) {
+            Ok(()) => tracing::info!(token = %self.token_label, "PKCS#11 module restarted to find the token again"),
+            Err(e) => tracing::warn!(token = %self.token_label, error = %e, "PKCS#11 module restart failed"),
+        }
+    }
+
+    fn run_gated<T>(&self, f: impl Fn(&Lease) -> Result<T, Failure>) -> Result<T, HsmError> {
         let (first, seen) = match self.attempt(&f, true) {
             Ok(v) => return Ok(v),
             Err((fail, seen)) if fail.needs_reconnect() => (fail, seen),

@@ -78,6 +78,68 @@ pub fn aad(merchant_id: &str, record_id: &str, dek_id: &str) -> Vec<u8> {
     out
 }
 
+/// Longest AAD that [`aad_buf`] builds on the stack. The vault's own ids are
+/// far shorter; anything longer goes to the heap instead.
+const AAD_INLINE: usize = 160;
+
+/// An AAD from [`aad_buf`]: the same bytes as [`aad`], without a heap
+/// allocation for the usual short ids.
+pub struct Aad(AadRepr);
+
+enum AadRepr {
+    Inline { buf: [u8; AAD_INLINE], len: usize },
+    Heap(Vec<u8>),
+}
+
+impl Aad {
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            AadRepr::Inline { buf, len } => &buf[..*len],
+            AadRepr::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::Deref for Aad {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for Aad {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Aad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Aad").field(&self.as_bytes()).finish()
+    }
+}
+
+/// [`aad`] on the stack (heap only when the fields are unusually long).
+pub fn aad_buf(merchant_id: &str, record_id: &str, dek_id: &str) -> Aad {
+    let fields = [merchant_id.as_bytes(), record_id.as_bytes(), dek_id.as_bytes()];
+    let total = AAD_DOMAIN.len() + fields.iter().map(|f| 2 + f.len()).sum::<usize>();
+    if total > AAD_INLINE {
+        return Aad(AadRepr::Heap(aad(merchant_id, record_id, dek_id)));
+    }
+    let mut buf = [0u8; AAD_INLINE];
+    buf[..AAD_DOMAIN.len()].copy_from_slice(AAD_DOMAIN);
+    let mut pos = AAD_DOMAIN.len();
+    for field in fields {
+        // Every field is shorter than AAD_INLINE, so `lp` never truncates.
+        let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+        buf[pos..pos + 2].copy_from_slice(&len.to_be_bytes());
+        pos += 2;
+        buf[pos..pos + field.len()].copy_from_slice(field);
+        pos += field.len();
+    }
+    Aad(AadRepr::Inline { buf, len: pos })
+}
+
 /// The associated data used when a data key is wrapped under an HSM key:
 /// binds the wrapped bytes to the key's id, owner and purpose so a wrapped key
 /// cannot be swapped for another row's.
@@ -99,6 +161,24 @@ mod tests {
     fn aad_is_unambiguous() {
         assert_ne!(aad("ab", "c", "d"), aad("a", "bc", "d"));
         assert_ne!(aad("m", "r", "k1"), aad("m", "r", "k2"));
+    }
+
+    #[test]
+    fn aad_buf_matches_aad() {
+        let long = "x".repeat(200);
+        let cases: [(&str, &str, &str); 5] = [
+            ("", "", ""),
+            ("mer_bench", "card_1", "dek_0123456789abcdefghijklmn"),
+            ("ab", "c", "d"),
+            (&long, "card_1", "dek_1"),
+            ("m", &long[..AAD_INLINE - AAD_DOMAIN.len() - 6 - 2], "k"),
+        ];
+        for (m, r, k) in cases {
+            assert_eq!(aad_buf(m, r, k).as_bytes(), aad(m, r, k).as_slice());
+        }
+        assert_ne!(aad_buf("ab", "c", "d"), aad_buf("a", "bc", "d"));
+        assert!(matches!(aad_buf(&long, "r", "k").0, AadRepr::Heap(_)));
+        assert!(matches!(aad_buf("m", "r", "k").0, AadRepr::Inline { .. }));
     }
 
     #[test]
