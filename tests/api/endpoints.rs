@@ -315,3 +315,34 @@ async fn idempotency_keys(backend: Backend, mode: CryptoMode) {
     app.stop().await;
 }
 matrix!(idempotency_keys);
+
+/// HTTP/2 and HTTP/1.1 are both offered by ALPN; TLS 1.2 and 1.3 work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_and_tls_versions() {
+    let app = TestApp::spawn(Backend::Sqlite, CryptoMode::Envelope).await;
+    let r = app.client.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 negotiated by ALPN");
+    let cert = std::fs::read(app.data.path().join("tls/cert.pem")).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", app.base.rsplit(':').next().unwrap()).parse().unwrap();
+    for (tls12, h1) in [(true, true), (false, true), (true, false)] {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+            .resolve("localhost", addr);
+        if tls12 {
+            b = b.max_tls_version(reqwest::tls::Version::TLS_1_2);
+        } else {
+            b = b.min_tls_version(reqwest::tls::Version::TLS_1_3);
+        }
+        if h1 {
+            b = b.http1_only();
+        }
+        let r = b.build().unwrap().get(format!("{}/healthz", app.base)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        if h1 {
+            assert_eq!(r.version(), reqwest::Version::HTTP_11);
+        }
+    }
+    app.stop().await;
+}
