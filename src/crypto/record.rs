@@ -25,6 +25,15 @@ pub struct SealedParts<'a> {
     pub ciphertext_and_tag: &'a [u8],
 }
 
+/// [`SealedParts`] before the key id is checked to be UTF-8 (the keyring's
+/// hot path looks the id up as bytes).
+pub struct RawParts<'a> {
+    pub dek_id: &'a [u8],
+    pub nonce: &'a [u8; NONCE_LEN],
+    /// Ciphertext followed by the 16-byte tag.
+    pub ciphertext_and_tag: &'a [u8],
+}
+
 /// Length of the header that precedes the nonce.
 pub fn header_len(dek_id: &str) -> usize {
     2 + dek_id.len()
@@ -41,6 +50,17 @@ pub fn write_header(out: &mut Vec<u8>, dek_id: &str, nonce: &[u8; NONCE_LEN]) {
 
 /// Splits a record into its parts, rejecting anything malformed.
 pub fn parse(record: &[u8]) -> Result<SealedParts<'_>, CryptoError> {
+    let raw = parse_raw(record)?;
+    let dek_id = std::str::from_utf8(raw.dek_id).map_err(|_| CryptoError::InvalidRecord)?;
+    Ok(SealedParts {
+        dek_id,
+        nonce: raw.nonce,
+        ciphertext_and_tag: raw.ciphertext_and_tag,
+    })
+}
+
+/// [`parse`] without the UTF-8 check of the key id.
+pub fn parse_raw(record: &[u8]) -> Result<RawParts<'_>, CryptoError> {
     let (&version, rest) = record.split_first().ok_or(CryptoError::InvalidRecord)?;
     if version != VERSION {
         return Err(CryptoError::InvalidRecord);
@@ -50,11 +70,10 @@ pub fn parse(record: &[u8]) -> Result<SealedParts<'_>, CryptoError> {
     if rest.len() < id_len + NONCE_LEN + TAG_LEN {
         return Err(CryptoError::InvalidRecord);
     }
-    let (id, rest) = rest.split_at(id_len);
-    let dek_id = std::str::from_utf8(id).map_err(|_| CryptoError::InvalidRecord)?;
+    let (dek_id, rest) = rest.split_at(id_len);
     let (nonce, ciphertext_and_tag) = rest.split_at(NONCE_LEN);
     let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::InvalidRecord)?;
-    Ok(SealedParts {
+    Ok(RawParts {
         dek_id,
         nonce,
         ciphertext_and_tag,
@@ -69,8 +88,9 @@ fn push_lp(out: &mut Vec<u8>, field: &[u8]) {
 
 /// The associated data binding a record to merchant, record id and key id.
 pub fn aad(merchant_id: &str, record_id: &str, dek_id: &str) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(AAD_DOMAIN.len() + 6 + merchant_id.len() + record_id.len() + dek_id.len());
+    let mut out = Vec::with_capacity(
+        AAD_DOMAIN.len() + 6 + merchant_id.len() + record_id.len() + dek_id.len(),
+    );
     out.extend_from_slice(AAD_DOMAIN);
     push_lp(&mut out, merchant_id.as_bytes());
     push_lp(&mut out, record_id.as_bytes());
@@ -78,53 +98,27 @@ pub fn aad(merchant_id: &str, record_id: &str, dek_id: &str) -> Vec<u8> {
     out
 }
 
-/// Longest AAD that [`aad_buf`] builds on the stack. The vault's own ids are
+/// Longest AAD that [`with_aad`] builds on the stack. The vault's own ids are
 /// far shorter; anything longer goes to the heap instead.
 const AAD_INLINE: usize = 160;
 
-/// An AAD from [`aad_buf`]: the same bytes as [`aad`], without a heap
-/// allocation for the usual short ids.
-pub struct Aad(AadRepr);
-
-enum AadRepr {
-    Inline { buf: [u8; AAD_INLINE], len: usize },
-    Heap(Vec<u8>),
-}
-
-impl Aad {
-    pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
-            AadRepr::Inline { buf, len } => &buf[..*len],
-            AadRepr::Heap(v) => v,
-        }
-    }
-}
-
-impl std::ops::Deref for Aad {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl PartialEq for Aad {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl std::fmt::Debug for Aad {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Aad").field(&self.as_bytes()).finish()
-    }
-}
-
-/// [`aad`] on the stack (heap only when the fields are unusually long).
-pub fn aad_buf(merchant_id: &str, record_id: &str, dek_id: &str) -> Aad {
-    let fields = [merchant_id.as_bytes(), record_id.as_bytes(), dek_id.as_bytes()];
+/// Calls `f` with the same bytes as [`aad`], built on the stack when the
+/// fields are short (as the vault's own ids are), so the hot path does not
+/// allocate.
+pub fn with_aad<R>(
+    merchant_id: &str,
+    record_id: &str,
+    dek_id: &str,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let fields = [
+        merchant_id.as_bytes(),
+        record_id.as_bytes(),
+        dek_id.as_bytes(),
+    ];
     let total = AAD_DOMAIN.len() + fields.iter().map(|f| 2 + f.len()).sum::<usize>();
     if total > AAD_INLINE {
-        return Aad(AadRepr::Heap(aad(merchant_id, record_id, dek_id)));
+        return f(&aad(merchant_id, record_id, dek_id));
     }
     let mut buf = [0u8; AAD_INLINE];
     buf[..AAD_DOMAIN.len()].copy_from_slice(AAD_DOMAIN);
@@ -137,7 +131,7 @@ pub fn aad_buf(merchant_id: &str, record_id: &str, dek_id: &str) -> Aad {
         buf[pos..pos + field.len()].copy_from_slice(field);
         pos += field.len();
     }
-    Aad(AadRepr::Inline { buf, len: pos })
+    f(&buf[..pos])
 }
 
 /// The associated data used when a data key is wrapped under an HSM key:
@@ -164,21 +158,22 @@ mod tests {
     }
 
     #[test]
-    fn aad_buf_matches_aad() {
+    fn with_aad_matches_aad() {
         let long = "x".repeat(200);
-        let cases: [(&str, &str, &str); 5] = [
+        let edge = &long[..AAD_INLINE - AAD_DOMAIN.len() - 6 - 2];
+        let cases: [(&str, &str, &str); 6] = [
             ("", "", ""),
             ("mer_bench", "card_1", "dek_0123456789abcdefghijklmn"),
             ("ab", "c", "d"),
             (&long, "card_1", "dek_1"),
-            ("m", &long[..AAD_INLINE - AAD_DOMAIN.len() - 6 - 2], "k"),
+            ("m", edge, "k"),
+            ("mm", edge, "k"),
         ];
         for (m, r, k) in cases {
-            assert_eq!(aad_buf(m, r, k).as_bytes(), aad(m, r, k).as_slice());
+            with_aad(m, r, k, |a| assert_eq!(a, aad(m, r, k).as_slice()));
         }
-        assert_ne!(aad_buf("ab", "c", "d"), aad_buf("a", "bc", "d"));
-        assert!(matches!(aad_buf(&long, "r", "k").0, AadRepr::Heap(_)));
-        assert!(matches!(aad_buf("m", "r", "k").0, AadRepr::Inline { .. }));
+        let ab = with_aad("ab", "c", "d", <[u8]>::to_vec);
+        assert_ne!(ab, with_aad("a", "bc", "d", <[u8]>::to_vec));
     }
 
     #[test]
@@ -192,5 +187,9 @@ mod tests {
         let parts = parse(&rec).unwrap();
         assert_eq!(parts.dek_id, "dek_x");
         assert_eq!(parts.ciphertext_and_tag.len(), TAG_LEN);
+        let mut bad_id = rec.clone();
+        bad_id[2] = 0xff;
+        assert!(parse(&bad_id).is_err(), "key id must be UTF-8");
+        assert_eq!(parse_raw(&bad_id).unwrap().dek_id[0], 0xff);
     }
 }

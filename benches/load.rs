@@ -1,0 +1,414 @@
+//! Load tool: starts the real `cardvault serve` (release build) on
+//! 127.0.0.1, provisions its own merchant and customers, drives it over TLS
+//! with keep-alive HTTP/1.1 connections at a given concurrency for a bounded
+//! time and request count, and prints throughput, latency percentiles and
+//! the server's peak RSS per scenario, with each scenario's ratio to
+//! `healthz` measured in the same run.
+//!
+//! ```text
+//! cargo bench --bench load -- [--backends sqlite,postgres] [--modes envelope,hsm]
+//!     [--scenarios healthz,add_card,get_card,list_cards,reveal]
+//!     [--connections 64] [--seconds 10] [--max-requests 200000]
+//! ```
+//! Only ever targets 127.0.0.1. Exits on its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cardvault");
+
+struct Options {
+    backends: Vec<String>,
+    modes: Vec<String>,
+    scenarios: Vec<String>,
+    connections: usize,
+    seconds: u64,
+    max_requests: u64,
+    smoke: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        backends: vec!["sqlite".into(), "postgres".into()],
+        modes: vec!["envelope".into(), "hsm".into()],
+        scenarios: ["healthz", "add_card", "get_card", "list_cards", "reveal"]
+            .map(String::from)
+            .to_vec(),
+        connections: 64,
+        seconds: 10,
+        max_requests: 500_000,
+        smoke: false,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --all-targets` runs this without `--bench`: a short smoke
+    // run that fails on any error.
+    if !args.iter().any(|a| a == "--bench") {
+        o.backends = vec!["sqlite".into()];
+        o.modes = vec!["envelope".into()];
+        o.connections = 4;
+        o.seconds = 2;
+        o.max_requests = 100;
+        o.smoke = true;
+    }
+    let list = |v: &str| v.split(',').map(str::to_string).collect::<Vec<_>>();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--backends" => o.backends = list(&value),
+            "--modes" => o.modes = list(&value),
+            "--scenarios" => o.scenarios = list(&value),
+            "--connections" => o.connections = value.parse().expect("--connections N"),
+            "--seconds" => o.seconds = value.parse().expect("--seconds N"),
+            "--max-requests" => o.max_requests = value.parse().expect("--max-requests N"),
+            // `cargo bench` passes --bench; ignore what is not ours.
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    o
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cmd(dir: &Path, db: &str, mode: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env_remove("CARDVAULT_CONFIG")
+        .env_remove("SOFTHSM2_CONF")
+        .env("CARDVAULT_LISTEN", "127.0.0.1:0")
+        .env("CARDVAULT_DATABASE_URL", db)
+        .env("CARDVAULT_CRYPTO_MODE", mode)
+        .env("CARDVAULT_LOG", "warn,cardvault=info");
+    c
+}
+
+async fn fresh_pg() -> String {
+    use sqlx::Connection;
+    let admin = std::env::var("CARDVAULT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("PostgreSQL");
+    let name = format!("cv_load_{}", std::process::id());
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+}
+
+fn start(backend: &str, mode: &str, db: String) -> (Server, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = if backend == "sqlite" {
+        format!(
+            "sqlite://{}",
+            dir.path().join("data/cardvault.db").display()
+        )
+    } else {
+        db
+    };
+    let out = cmd(dir.path(), &db, mode)
+        .args(["merchant", "create", "--name", "load", "--reveal", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sk = m["secret_key"].as_str().unwrap().to_string();
+    let mut child = cmd(dir.path(), &db, mode)
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("https://127.0.0.1:").nth(1) {
+                let p: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let _ = tx.send(p.parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server start");
+    (Server { child, port, dir }, sk)
+}
+
+fn client(cert: &Path, port: u16) -> reqwest::Client {
+    let pem = std::fs::read(cert).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap()
+}
+
+fn luhn(prefix: &str, n: u64) -> String {
+    let body = format!("{prefix}{n:0>width$}", width = 15 - prefix.len());
+    let sum: u32 = body
+        .chars()
+        .rev()
+        .enumerate()
+        .map(|(i, c)| {
+            let d = c.to_digit(10).unwrap();
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fixtures every scenario may use: customers (one per connection) each
+/// with one card.
+struct Fixture {
+    customers: Vec<String>,
+    cards: Vec<(String, String)>,
+}
+
+async fn provision(c: &reqwest::Client, base: &str, sk: &str, n: usize) -> Fixture {
+    let mut customers = Vec::new();
+    let mut cards = Vec::new();
+    for i in 0..n {
+        let v: Value = c
+            .post(format!("{base}/v1/customers"))
+            .bearer_auth(sk)
+            .json(&json!({"email": format!("load{i}@example.com")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let cus = v["id"].as_str().unwrap().to_string();
+        let card: Value = c
+            .post(format!("{base}/v1/customers/{cus}/cards"))
+            .bearer_auth(sk)
+            .json(&json!({"number": luhn("4000", 9_000_000_000 + i as u64), "exp_month": 12, "exp_year": 2031}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cards.push((cus.clone(), card["id"].as_str().unwrap().to_string()));
+        customers.push(cus);
+    }
+    Fixture { customers, cards }
+}
+
+struct Outcome {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+async fn run_scenario(
+    name: &str,
+    clients: &[reqwest::Client],
+    base: &str,
+    sk: &str,
+    fx: &Fixture,
+    opts: &Options,
+    pan_counter: &Arc<AtomicU64>,
+) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(opts.seconds);
+    let budget = Arc::new(AtomicU64::new(opts.max_requests));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let (c, base, sk, name) = (
+            c.clone(),
+            base.to_string(),
+            sk.to_string(),
+            name.to_string(),
+        );
+        let (cus, card) = fx.cards[i % fx.cards.len()].clone();
+        let _ = &fx.customers;
+        let budget = Arc::clone(&budget);
+        let pans = Arc::clone(pan_counter);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                if budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                    .is_err()
+                {
+                    break;
+                }
+                let t = Instant::now();
+                let req = match name.as_str() {
+                    "healthz" => c.get(format!("{base}/healthz")),
+                    "add_card" => {
+                        let n = pans.fetch_add(1, Ordering::Relaxed);
+                        c.post(format!("{base}/v1/customers/{cus}/cards"))
+                            .bearer_auth(&sk)
+                            .json(&json!({"number": luhn("4000", 1_000_000_000 + n), "exp_month": 12, "exp_year": 2031}))
+                    }
+                    "get_card" => c
+                        .get(format!("{base}/v1/customers/{cus}/cards/{card}"))
+                        .bearer_auth(&sk),
+                    "list_cards" => c
+                        .get(format!("{base}/v1/customers/{cus}/cards"))
+                        .bearer_auth(&sk),
+                    "reveal" => c
+                        .post(format!("{base}/v1/cards/{card}/reveal"))
+                        .bearer_auth(&sk),
+                    other => panic!("unknown scenario {other}"),
+                };
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                    }
+                    _ => errors += 1,
+                }
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        latencies_us.extend(l);
+        errors += e;
+    }
+    Outcome {
+        requests: latencies_us.len() as u64,
+        errors,
+        elapsed: started.elapsed(),
+        latencies_us,
+    }
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+fn main() {
+    let opts = options();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "load: {} connections, {} s or {} requests per scenario, client and server on this machine ({} cores)",
+        opts.connections,
+        opts.seconds,
+        opts.max_requests,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for backend in &opts.backends {
+        for mode in &opts.modes {
+            let db = if backend == "postgres" {
+                rt.block_on(fresh_pg())
+            } else {
+                String::new()
+            };
+            let (server, sk) = start(backend, mode, db);
+            let cert: PathBuf = server.dir.path().join("data/tls/cert.pem");
+            let base = format!("https://localhost:{}", server.port);
+            let pid = server.child.id();
+            println!("\n## {backend} / {mode}\n");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|");
+            rt.block_on(async {
+                let clients: Vec<_> = (0..opts.connections)
+                    .map(|_| client(&cert, server.port))
+                    .collect();
+                let fx = provision(&clients[0], &base, &sk, opts.connections).await;
+                let pans = Arc::new(AtomicU64::new(0));
+                let mut healthz = None;
+                for s in &opts.scenarios {
+                    let o = run_scenario(s, &clients, &base, &sk, &fx, &opts, &pans).await;
+                    let mut l = o.latencies_us;
+                    l.sort_unstable();
+                    let rps = o.requests as f64 / o.elapsed.as_secs_f64();
+                    if s == "healthz" {
+                        healthz = Some(rps);
+                    }
+                    assert!(
+                        !opts.smoke || (o.errors == 0 && o.requests > 0),
+                        "{s}: {} errors",
+                        o.errors
+                    );
+                    let ratio = healthz
+                        .map(|h| format!("{:.0}%", 100.0 * rps / h))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} |",
+                        pct(&l, 0.50),
+                        pct(&l, 0.90),
+                        pct(&l, 0.99),
+                        l.last().copied().unwrap_or(0) as f64 / 1000.0,
+                        o.errors,
+                        peak_rss_kib(pid) as f64 / 1024.0
+                    );
+                }
+            });
+            drop(server);
+        }
+    }
+}
