@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cardvault::testkit::luhn_pan;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cardvault");
@@ -178,29 +179,6 @@ fn client(cert: &Path, port: u16) -> reqwest::Client {
         .unwrap()
 }
 
-fn luhn(prefix: &str, n: u64) -> String {
-    let body = format!("{prefix}{n:0>width$}", width = 15 - prefix.len());
-    let sum: u32 = body
-        .chars()
-        .rev()
-        .enumerate()
-        .map(|(i, c)| {
-            let d = c.to_digit(10).unwrap();
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
-}
-
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -238,7 +216,7 @@ async fn provision(c: &reqwest::Client, base: &str, sk: &str, n: usize) -> Fixtu
         let card: Value = c
             .post(format!("{base}/v1/customers/{cus}/cards"))
             .bearer_auth(sk)
-            .json(&json!({"number": luhn("4000", 9_000_000_000 + i as u64), "exp_month": 12, "exp_year": 2031}))
+            .json(&json!({"number": luhn_pan("4000", 9_000_000_000 + i as u64), "exp_month": 12, "exp_year": 2031}))
             .send()
             .await
             .unwrap()
@@ -299,7 +277,7 @@ async fn run_scenario(
                         let n = pans.fetch_add(1, Ordering::Relaxed);
                         c.post(format!("{base}/v1/customers/{cus}/cards"))
                             .bearer_auth(&sk)
-                            .json(&json!({"number": luhn("4000", 1_000_000_000 + n), "exp_month": 12, "exp_year": 2031}))
+                            .json(&json!({"number": luhn_pan("4000", 1_000_000_000 + n), "exp_month": 12, "exp_year": 2031}))
                     }
                     "get_card" => c
                         .get(format!("{base}/v1/customers/{cus}/cards/{card}"))

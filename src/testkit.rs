@@ -46,3 +46,33 @@ pub fn fresh_token_config() -> Pkcs11Config {
 pub fn fresh_custodian() -> Arc<Pkcs11Custodian> {
     Arc::new(Pkcs11Custodian::connect(fresh_token_config()).expect("connect to token"))
 }
+
+/// The Luhn check digit for `body` (digits only).
+pub fn luhn_check_digit(body: &str) -> u32 {
+    let sum: u32 = body
+        .chars()
+        .rev()
+        .enumerate()
+        .map(|(i, c)| {
+            let d = c.to_digit(10).expect("digits only");
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    (10 - sum % 10) % 10
+}
+
+/// A Luhn-valid 16-digit test number: `prefix`, `n` zero-padded, check digit.
+pub fn luhn_pan(prefix: &str, n: u64) -> String {
+    let body = format!("{prefix}{n:0>width$}", width = 15 - prefix.len());
+    let check = luhn_check_digit(&body);
+    format!("{body}{check}")
+}

@@ -422,17 +422,14 @@ impl Pkcs11Custodian {
         discard(lease.session, lease.slot);
     }
 
-    /// Forgets all sessions, cached handles and the slot number, so the next
-    /// checkout finds the token by label and logs in afresh. `seen` is the
-    /// generation the failure was observed in: when another thread has reset
-    /// since, the state is already fresh and is left alone (one disruption
-    /// seen by many threads must not become many resets, each closing the
-    /// sessions and handles the previous recovery just made).
-    fn reset(&self, cause: &Failure, seen: u64) {
+    /// Starts a new pool generation: forgets the slot number and cached
+    /// handles and closes the idle sessions. With `seen`, only when the pool
+    /// is still in that generation (returns whether it started one).
+    fn start_new_generation(&self, seen: Option<u64>) -> bool {
         let stale = {
             let mut pool = self.lock_pool();
-            if pool.generation != seen {
-                return;
+            if seen.is_some_and(|g| g != pool.generation) {
+                return false;
             }
             pool.generation = pool.generation.wrapping_add(1);
             pool.slot = None;
@@ -443,6 +440,19 @@ impl Pkcs11Custodian {
         self.session_freed.notify_all();
         for (session, slot) in stale {
             discard(session, slot);
+        }
+        true
+    }
+
+    /// Forgets all sessions, cached handles and the slot number, so the next
+    /// checkout finds the token by label and logs in afresh. `seen` is the
+    /// generation the failure was observed in: when another thread has reset
+    /// since, the state is already fresh and is left alone (one disruption
+    /// seen by many threads must not become many resets, each closing the
+    /// sessions and handles the previous recovery just made).
+    fn reset(&self, cause: &Failure, seen: u64) {
+        if !self.start_new_generation(Some(seen)) {
+            return;
         }
         if cause.not_initialized() {
             if let Err(e) = context::reinitialize(&self.ctx) {
@@ -492,18 +502,7 @@ impl Pkcs11Custodian {
             *last = Some(Instant::now());
         }
         let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        let stale = {
-            let mut pool = self.lock_pool();
-            pool.generation = pool.generation.wrapping_add(1);
-            pool.slot = None;
-            pool.open = 0;
-            pool.keys.clear();
-            std::mem::take(&mut pool.idle)
-        };
-        self.session_freed.notify_all();
-        for (session, slot) in stale {
-            discard(session, slot);
-        }
+        self.start_new_generation(None);
         match context::restart(&self.ctx) {
             Ok(()) => {
                 tracing::info!(token = %self.token_label, "PKCS#11 module restarted to find the token again")

@@ -17,27 +17,7 @@ use crate::matrix;
 use crate::support::*;
 
 /// The Luhn check digit for `body` (the PAN without its last digit).
-fn luhn_check_digit(body: &str) -> u32 {
-    let sum: u32 = body
-        .chars()
-        .rev()
-        .enumerate()
-        .map(|(i, c)| {
-            let d = c.to_digit(10).expect("digit");
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    (10 - sum % 10) % 10
-}
+use cardvault::testkit::luhn_check_digit;
 
 /// A Luhn-valid PAN of `len` digits starting with `prefix`, random
 /// otherwise, so no other test (or log line) has it.

@@ -10,6 +10,8 @@ use std::time::Duration;
 use cardvault::crypto::CryptoMode;
 use serde_json::{json, Value};
 
+use cardvault::testkit::luhn_pan;
+
 use crate::matrix;
 use crate::support::*;
 
@@ -99,29 +101,6 @@ async fn send(
         }
         Err(_) => (0, Value::Null),
     }
-}
-
-fn luhn_pan(prefix: &str, n: u64) -> String {
-    let body = format!("{prefix}{n:0>width$}", width = 15 - prefix.len());
-    let digits: Vec<u32> = body.chars().map(|c| c.to_digit(10).unwrap()).collect();
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
 }
 
 async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
