@@ -20,7 +20,11 @@ pub(crate) struct MemKeyStore {
 
 #[async_trait]
 impl KeyStore for MemKeyStore {
-    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        _audit: Option<&crate::storage::AuditEntry>,
+    ) -> StorageResult<()> {
         self.keys
             .lock()
             .unwrap()
@@ -53,6 +57,16 @@ impl KeyStore for MemKeyStore {
         let k = keys.get_mut(id).unwrap();
         k.seals_reserved += block;
         Ok(k.seals_reserved)
+    }
+    async fn active_hsm_key(
+        &self,
+        _kind: &str,
+        _merchant_id: Option<&str>,
+    ) -> StorageResult<Option<String>> {
+        Ok(None)
+    }
+    async fn register_hsm_key(&self, _k: &crate::storage::HsmKeyRecord) -> StorageResult<()> {
+        Ok(())
     }
 }
 

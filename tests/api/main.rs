@@ -5,8 +5,10 @@
 
 pub mod support;
 
+mod audit;
 mod endpoints;
 mod isolation;
 mod leaks;
 mod process;
+mod rotation;
 mod validation;
