@@ -90,6 +90,19 @@ enum AuditCommand {
     },
     /// Sign a checkpoint over the chain head now.
     Checkpoint,
+    /// Write the PCI DSS evidence report; exits non-zero when a check fails.
+    Report {
+        #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
+        format: ReportFormat,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Json,
+    Html,
 }
 
 #[derive(Subcommand)]
@@ -206,6 +219,24 @@ async fn audit_command(cfg: &Config, command: AuditCommand) -> anyhow::Result<()
             Some(seq) => println!("checkpoint over seq {seq}"),
             None => println!("audit log is empty"),
         },
+        AuditCommand::Report { format, out } => {
+            let report = cardvault::report::build(&vault, cfg).await.map_err(err)?;
+            let body = match format {
+                ReportFormat::Json => serde_json::to_string_pretty(&report)?,
+                ReportFormat::Html => cardvault::report::html(&report),
+            };
+            std::fs::write(&out, body).with_context(|| format!("write {}", out.display()))?;
+            println!(
+                "{} ({} of {} checks pass) written to {}",
+                report.summary.verdict,
+                report.summary.passed,
+                report.summary.total,
+                out.display()
+            );
+            if report.summary.failed > 0 {
+                anyhow::bail!("{} checks failed", report.summary.failed);
+            }
+        }
     }
     Ok(())
 }
