@@ -249,30 +249,21 @@ impl Vault {
     /// Event types present in the log against [`REQUIRED_EVENTS`].
     pub async fn event_coverage(&self) -> ServiceResult<Vec<(String, bool, i64)>> {
         let counts = self.storage.audit_event_counts().await?;
-        let denied_reveals = self
-            .storage
-            .list_audit(0, u32::MAX)
-            .await?
-            .iter()
-            .filter(|r| r.entry.event == "card.reveal" && r.entry.outcome == "denied")
-            .count() as i64;
+        // `event:outcome` names one outcome of an event only.
+        let count = |spec: &str| -> i64 {
+            let (event, outcome) = spec
+                .split_once(':')
+                .map_or((spec, None), |(e, o)| (e, Some(o)));
+            counts
+                .iter()
+                .filter(|(e, o, _)| e == event && outcome.is_none_or(|want| o == want))
+                .map(|(_, _, n)| *n)
+                .sum()
+        };
         Ok(REQUIRED_EVENTS
             .iter()
             .map(|(name, events)| {
-                let n: i64 = events
-                    .iter()
-                    .map(|e| {
-                        if *e == "card.reveal:denied" {
-                            denied_reveals
-                        } else {
-                            counts
-                                .iter()
-                                .filter(|(ev, _)| ev == e)
-                                .map(|(_, n)| *n)
-                                .sum()
-                        }
-                    })
-                    .sum();
+                let n: i64 = events.iter().map(|e| count(e)).sum();
                 (name.to_string(), n > 0, n)
             })
             .collect())

@@ -387,18 +387,32 @@ impl Vault {
             .unwrap_or(i64::MAX);
         let cutoff = now().saturating_sub(period);
         let mut rotated = 0;
-        for rec in self.storage.list_data_keys().await? {
+        let candidates = self.keyring.cached_current_ids();
+        let keys = self.storage.list_data_keys().await?;
+        for rec in &keys {
             if rec.retired_at.is_some() || rec.created_at > cutoff {
                 continue;
             }
             let Some(purpose) = ROTATING.into_iter().find(|p| p.as_str() == rec.purpose) else {
                 continue;
             };
-            self.rotate_one(&rec, purpose, "system", "cryptoperiod")
+            self.rotate_one(rec, purpose, "system", "cryptoperiod")
                 .await?;
             rotated += 1;
         }
-        self.keyring.drop_retired_keys().await?;
+        // Read again when something was rotated: the successors are live.
+        let keys = if rotated > 0 {
+            self.storage.list_data_keys().await?
+        } else {
+            keys
+        };
+        let existing = keys.iter().map(|k| k.id.clone()).collect();
+        let live = keys
+            .iter()
+            .filter(|k| k.retired_at.is_none())
+            .map(|k| k.id.clone())
+            .collect();
+        self.keyring.drop_keys_not_in(&candidates, &live, &existing);
         Ok(rotated)
     }
 

@@ -406,8 +406,8 @@ pub trait AuditChainStore: Send + Sync {
     async fn chain_head(&self) -> StorageResult<Option<(i64, Vec<u8>, i64)>>;
     async fn insert_checkpoint(&self, c: &Checkpoint) -> StorageResult<()>;
     async fn list_checkpoints(&self) -> StorageResult<Vec<Checkpoint>>;
-    /// Entries per event type.
-    async fn audit_event_counts(&self) -> StorageResult<Vec<(String, i64)>>;
+    /// Entries per event type and outcome.
+    async fn audit_event_counts(&self) -> StorageResult<Vec<(String, String, i64)>>;
 }
 
 /// An HSM key the vault created (KEK or merchant wrapping key).

@@ -259,8 +259,8 @@ impl AuditChainStore for SqliteStorage {
         Ok(rows.into_iter().map(Checkpoint::from).collect())
     }
 
-    async fn audit_event_counts(&self) -> StorageResult<Vec<(String, i64)>> {
-        sqlx::query_as("SELECT event, count(*) FROM audit_log GROUP BY event ORDER BY event")
+    async fn audit_event_counts(&self) -> StorageResult<Vec<(String, String, i64)>> {
+        sqlx::query_as("SELECT event, outcome, count(*) FROM audit_log GROUP BY event, outcome ORDER BY event, outcome")
             .fetch_all(self.pool())
             .await
             .map_err(db_err)

@@ -176,32 +176,45 @@ impl Keyring {
         Ok((old, key.id.clone()))
     }
 
-    /// Drops current keys that were retired in the store (by an operator
-    /// command or another node) so the next seal picks the newest version.
-    /// Returns how many were dropped.
-    pub async fn drop_retired_keys(&self) -> Result<usize, CryptoError> {
-        let cached: Vec<(Purpose, String, String)> = read(&self.current)
-            .iter()
-            .flat_map(|(p, m)| m.iter().map(|(o, k)| (*p, o.clone(), k.id.clone())))
-            .collect();
+    /// Ids of the current keys cached now (take this before reading the
+    /// store for [`Keyring::drop_keys_not_in`]).
+    pub fn cached_current_ids(&self) -> std::collections::HashSet<String> {
+        read(&self.current)
+            .values()
+            .flat_map(|m| m.values().map(|k| k.id.clone()))
+            .collect()
+    }
+
+    /// Drops every cached key among `candidates` that is not in `live` (the
+    /// ids of the data keys in the store that are not retired), so the next
+    /// seal picks the newest version. Keys cached after `candidates` was
+    /// taken are left alone (the store listing may predate them). An owner whose current key no longer exists at all
+    /// (a shredded merchant) loses every cached key. Returns how many
+    /// current keys were dropped.
+    pub fn drop_keys_not_in(
+        &self,
+        candidates: &std::collections::HashSet<String>,
+        live: &std::collections::HashSet<String>,
+        existing: &std::collections::HashSet<String>,
+    ) -> usize {
         let mut dropped = 0;
-        for (purpose, owner, id) in cached {
-            let retired = self
-                .store
-                .get_data_key(&id)
-                .await?
-                .is_none_or(|r| r.retired_at.is_some());
-            if retired {
-                let mut current = write(&self.current);
-                if let Some(map) = current.get_mut(&purpose) {
-                    if map.get(&owner).is_some_and(|k| k.id == id) {
-                        map.remove(&owner);
-                        dropped += 1;
-                    }
+        let mut gone_owners = Vec::new();
+        for map in write(&self.current).values_mut() {
+            map.retain(|owner, k| {
+                if live.contains(&k.id) || !candidates.contains(&k.id) {
+                    return true;
                 }
-            }
+                if !existing.contains(&k.id) {
+                    gone_owners.push(owner.clone());
+                }
+                dropped += 1;
+                false
+            });
         }
-        Ok(dropped)
+        if !gone_owners.is_empty() {
+            write(&self.by_id).retain(|_, k| !gone_owners.contains(&k.owner));
+        }
+        dropped
     }
 
     /// Unwraps an envelope data key and wraps it again under `new_label`;
