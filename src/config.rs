@@ -75,6 +75,10 @@ pub struct KeysConfig {
     pub maintenance_interval_secs: u64,
     /// API keys older than this are flagged by the audit report.
     pub api_key_max_age_days: u64,
+    /// `keys rotate-kek` waits this long after re-wrapping before it
+    /// destroys the old key, re-wrapping anything a node created under it
+    /// meanwhile (a node may have read the old label just before the switch).
+    pub destroy_grace_secs: u64,
 }
 
 impl Default for AuditConfig {
@@ -94,6 +98,7 @@ impl Default for KeysConfig {
             kek_cryptoperiod_days: 730,
             maintenance_interval_secs: 10,
             api_key_max_age_days: 365,
+            destroy_grace_secs: 30,
         }
     }
 }

@@ -150,14 +150,15 @@ async fn keys_command(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> 
             merchant,
             all_merchants,
         } => {
+            let grace = std::time::Duration::from_secs(cfg.keys.destroy_grace_secs);
             let out = if all_merchants {
                 vault
-                    .rotate_all_merchant_keys(OPERATOR, &bar)
+                    .rotate_all_merchant_keys(OPERATOR, &bar, grace)
                     .await
                     .map_err(err)?
             } else {
                 vec![vault
-                    .rotate_wrapping_key(merchant.as_deref(), OPERATOR, &bar)
+                    .rotate_wrapping_key(merchant.as_deref(), OPERATOR, &bar, grace)
                     .await
                     .map_err(err)?]
             };

@@ -61,8 +61,57 @@ fn label_base(label: &str) -> &str {
 
 impl Vault {
     /// Rotates the wrapping key of `merchant_id` (its `cardvault-mk-…`) or,
-    /// with `None`, the system KEK.
+    /// with `None`, the system KEK. After re-wrapping it waits `grace` and
+    /// re-wraps again before destroying anything: a node that read the old
+    /// label just before the switch may still be inserting a key wrapped
+    /// under it, and destroying that KEK would make the new key unreadable.
     pub async fn rotate_wrapping_key(
+        &self,
+        merchant_id: Option<&str>,
+        actor: &str,
+        progress: &dyn Progress,
+        grace: std::time::Duration,
+    ) -> ServiceResult<WrapRotation> {
+        let mut out = self.start_rotation(merchant_id, actor, progress).await?;
+        tokio::time::sleep(grace).await;
+        self.finish_rotation(merchant_id, &mut out, actor).await?;
+        Ok(out)
+    }
+
+    /// Second half of a rotation, after the grace period: re-wraps what was
+    /// created under a retired key meanwhile, then destroys retired keys
+    /// nothing references.
+    async fn finish_rotation(
+        &self,
+        merchant_id: Option<&str>,
+        out: &mut WrapRotation,
+        actor: &str,
+    ) -> ServiceResult<()> {
+        let kind = if merchant_id.is_some() {
+            "merchant"
+        } else {
+            "kek"
+        };
+        let retired: Vec<String> = self
+            .storage
+            .list_hsm_keys()
+            .await?
+            .into_iter()
+            .filter(|k| {
+                k.kind == kind && k.merchant_id.as_deref() == merchant_id && k.state == "retired"
+            })
+            .map(|k| k.label)
+            .collect();
+        out.rewrapped += self
+            .rewrap_all(merchant_id, &retired, &out.new_label, actor, &NoProgress)
+            .await?;
+        out.destroyed = self.destroy_unreferenced(merchant_id, kind, actor).await?;
+        Ok(())
+    }
+
+    /// First half of a rotation: new HSM key, old ones retired, data keys
+    /// re-wrapped.
+    async fn start_rotation(
         &self,
         merchant_id: Option<&str>,
         actor: &str,
@@ -145,6 +194,23 @@ impl Vault {
                 .await?;
             out.retired.push(label.clone());
         }
+        out.rewrapped = self
+            .rewrap_all(merchant_id, &old_labels, &new_label, actor, progress)
+            .await?;
+        Ok(out)
+    }
+
+    /// Re-wraps every data key of this owner still under one of
+    /// `old_labels`; returns how many.
+    async fn rewrap_all(
+        &self,
+        merchant_id: Option<&str>,
+        old_labels: &[String],
+        new_label: &str,
+        actor: &str,
+        progress: &dyn Progress,
+    ) -> ServiceResult<u64> {
+        let mut done = 0;
         // Re-wrap every data key still under an old wrapping key.
         let stale: Vec<_> = self
             .storage
@@ -159,7 +225,7 @@ impl Vault {
             .collect();
         progress.start("re-wrapping data keys", stale.len() as u64);
         for rec in stale {
-            let wrapped = self.keyring.rewrap(&rec, &new_label).await?;
+            let wrapped = self.keyring.rewrap(&rec, new_label).await?;
             let mut e = system_entry_by(
                 actor,
                 "key.rewrap",
@@ -173,16 +239,15 @@ impl Vault {
             e.merchant_id = rec.merchant_id.clone();
             if self
                 .storage
-                .rewrap_data_key(&rec.id, &rec.wrapping_label, &new_label, &wrapped, &e)
+                .rewrap_data_key(&rec.id, &rec.wrapping_label, new_label, &wrapped, &e)
                 .await?
             {
-                out.rewrapped += 1;
+                done += 1;
             }
             progress.advance(1);
         }
         progress.finish();
-        out.destroyed = self.destroy_unreferenced(merchant_id, kind, actor).await?;
-        Ok(out)
+        Ok(done)
     }
 
     /// Destroys retired wrapping keys of this owner that no data key
@@ -225,6 +290,7 @@ impl Vault {
         &self,
         actor: &str,
         progress: &dyn Progress,
+        grace: std::time::Duration,
     ) -> ServiceResult<Vec<WrapRotation>> {
         let mut merchants: Vec<String> = self
             .storage
@@ -237,8 +303,13 @@ impl Vault {
         merchants.sort();
         merchants.dedup();
         let mut out = Vec::new();
-        for m in merchants {
-            out.push(self.rotate_wrapping_key(Some(&m), actor, progress).await?);
+        for m in &merchants {
+            out.push(self.start_rotation(Some(m), actor, progress).await?);
+        }
+        // One grace period for all of them.
+        tokio::time::sleep(grace).await;
+        for (m, rotation) in merchants.iter().zip(out.iter_mut()) {
+            self.finish_rotation(Some(m), rotation, actor).await?;
         }
         Ok(out)
     }

@@ -285,7 +285,7 @@ pub async fn scripted_session(app: &mut TestApp) -> Vec<String> {
     let np = cardvault::service::keys::NoProgress;
     operator.rotate_data_keys(None, "operator").await.unwrap();
     operator
-        .rotate_wrapping_key(None, "operator", &np)
+        .rotate_wrapping_key(None, "operator", &np, std::time::Duration::from_millis(100))
         .await
         .unwrap();
     let keys = app.storage().list_api_keys().await.unwrap();

@@ -10,7 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_cardvault");
 fn run(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .current_dir(dir)
-        .env_remove("CARDVAULT_CONFIG")
+        .env("CARDVAULT_CONFIG", dir.join("cardvault.toml"))
         .env_remove("SOFTHSM2_CONF")
         .env("CARDVAULT_LOG", "warn")
         .args(args)
@@ -33,6 +33,12 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 fn operator_commands_work_and_verify_fails_on_tampering() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // Dev mode, as with no file; a short grace before old keys are destroyed.
+    std::fs::write(
+        d.join("cardvault.toml"),
+        "dev = true\n[keys]\ndestroy_grace_secs = 1\n",
+    )
+    .unwrap();
     let created: serde_json::Value =
         serde_json::from_str(&ok(d, &["merchant", "create", "--name", "Acme", "--json"])).unwrap();
     let other: serde_json::Value =
@@ -137,7 +143,7 @@ async fn rotation_across_processes_under_load() {
     let d = dir.path().to_path_buf();
     std::fs::write(
         d.join("cardvault.toml"),
-        "dev = true\nlisten = \"127.0.0.1:0\"\n[keys]\nmaintenance_interval_secs = 1\n",
+        "dev = true\nlisten = \"127.0.0.1:0\"\n[keys]\nmaintenance_interval_secs = 1\ndestroy_grace_secs = 1\n",
     )
     .unwrap();
     let cmd = |args: &[&str]| {

@@ -116,7 +116,7 @@ async fn rotation_under_load(backend: Backend, mode: CryptoMode) {
     // The operator, in another vault (as `cardvault keys …` would be).
     let op = app.operator_vault().await;
     let kek = op
-        .rotate_wrapping_key(None, "operator", &NoProgress)
+        .rotate_wrapping_key(None, "operator", &NoProgress, Duration::from_secs(1))
         .await
         .unwrap();
     assert!(kek.new_label.ends_with("-v2"), "{kek:?}");
@@ -130,7 +130,7 @@ async fn rotation_under_load(backend: Backend, mode: CryptoMode) {
         "{kek:?}"
     );
     let mks = op
-        .rotate_all_merchant_keys("operator", &NoProgress)
+        .rotate_all_merchant_keys("operator", &NoProgress, Duration::from_secs(1))
         .await
         .unwrap();
     if mode == CryptoMode::Envelope {
