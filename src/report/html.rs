@@ -27,6 +27,7 @@ fn cell(v: &Value) -> String {
         Value::String(s) => esc(s),
         Value::Bool(true) => "yes".to_string(),
         Value::Bool(false) => "no".to_string(),
+        Value::Array(a) if a.is_empty() => "none".to_string(),
         Value::Array(a) => esc(&a
             .iter()
             .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))

@@ -87,7 +87,7 @@ pub async fn build(vault: &Vault, cfg: &Config) -> ServiceResult<Report> {
     let checks = vec![
         pan_scan_check(vault).await?,
         sad_check(vault, t).await?,
-        hsm_inventory_check(vault).await?,
+        hsm_inventory_check(vault, cfg, t).await?,
         wrapping_key_check(vault, cfg, t).await?,
         data_key_check(vault, cfg, t).await?,
         tls_check(cfg),
@@ -179,9 +179,20 @@ async fn sad_check(vault: &Vault, t: i64) -> ServiceResult<Check> {
     ))
 }
 
-async fn hsm_inventory_check(vault: &Vault) -> ServiceResult<Check> {
+async fn hsm_inventory_check(vault: &Vault, cfg: &Config, t: i64) -> ServiceResult<Check> {
     let inventory = vault.keyring().hsm_inventory().await?;
+    let period = i64::try_from(cfg.keys.kek_cryptoperiod_days).unwrap_or(i64::MAX);
+    // The life-cycle state of wrapping keys comes from the registry; the age
+    // from the HSM's own record of when it created the object.
+    let states: std::collections::HashMap<String, String> = vault
+        .storage()
+        .list_hsm_keys()
+        .await?
+        .into_iter()
+        .map(|k| (k.label, k.state))
+        .collect();
     let mut bad = Vec::new();
+    let mut overdue = Vec::new();
     let keys: Vec<Value> = inventory
         .iter()
         .map(|k| {
@@ -189,29 +200,38 @@ async fn hsm_inventory_check(vault: &Vault) -> ServiceResult<Check> {
             if !ok {
                 bad.push(k.label.clone());
             }
+            let age = k.created_at_unix.map(|c| days(t - c));
+            let state = states.get(&k.label).cloned();
+            let past = state.as_deref() == Some("active") && age.is_some_and(|a| a >= period);
+            if past {
+                overdue.push(k.label.clone());
+            }
             json!({
                 "label": k.label, "type": k.key_type, "bytes": k.value_len,
                 "sensitive": k.sensitive, "extractable": k.extractable,
                 "always_sensitive": k.always_sensitive, "never_extractable": k.never_extractable,
-                "created": k.created_at_unix.map(rfc3339),
+                "created": k.created_at_unix.map(rfc3339), "age_days": age, "state": state,
             })
         })
         .collect();
-    let finding = if bad.is_empty() {
-        format!(
-            "{} HSM keys, all sensitive and never extractable",
+    let finding = match (bad.is_empty(), overdue.is_empty()) {
+        (true, true) => format!(
+            "{} HSM keys, all sensitive and never extractable; no active wrapping key older than {period} days",
             inventory.len()
-        )
-    } else {
-        format!("extractable or non-sensitive HSM keys: {}", bad.join(", "))
+        ),
+        (false, _) => format!("extractable or non-sensitive HSM keys: {}", bad.join(", ")),
+        (true, false) => format!(
+            "active wrapping keys older than {period} days by the HSM's clock: {}",
+            overdue.join(", ")
+        ),
     };
     Ok(check(
         "hsm_inventory",
-        "HSM key inventory: keys sensitive and non-extractable",
-        "PCI DSS 3.6.1",
-        bad.is_empty(),
+        "HSM key inventory: sensitive, non-extractable, within cryptoperiod",
+        "PCI DSS 3.6.1, 3.7.4",
+        bad.is_empty() && overdue.is_empty(),
         finding,
-        json!({"keys": keys}),
+        json!({"kek_cryptoperiod_days": period, "keys": keys}),
     ))
 }
 
