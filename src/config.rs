@@ -43,6 +43,64 @@ pub struct Config {
     pub crypto: CryptoConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    /// Audit trail: checkpoints and retention (issue 6).
+    pub audit: AuditConfig,
+    /// Key life cycle: cryptoperiods and maintenance (issue 6).
+    pub keys: KeysConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Seconds between HSM-signed checkpoints over the chain head (one is
+    /// also signed at shutdown).
+    pub checkpoint_interval_secs: u64,
+    /// How long audit entries are kept (PCI DSS 10.5.1: at least a year).
+    pub retention_days: u64,
+    /// How long idempotency records are kept.
+    pub idempotency_retention_days: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Cryptoperiod of data keys (PAN, volatile): past it a successor is
+    /// made and the old key retired automatically.
+    pub data_key_cryptoperiod_days: u64,
+    /// Cryptoperiod of the KEK and merchant wrapping keys (rotated by
+    /// `cardvault keys rotate-kek`; the audit report flags overdue ones).
+    pub kek_cryptoperiod_days: u64,
+    /// Seconds between key maintenance runs of a serving node (drop keys
+    /// retired elsewhere, enforce cryptoperiods).
+    pub maintenance_interval_secs: u64,
+    /// API keys older than this are flagged by the audit report.
+    pub api_key_max_age_days: u64,
+    /// `keys rotate-kek` waits this long after re-wrapping before it
+    /// destroys the old key, re-wrapping anything a node created under it
+    /// meanwhile (a node may have read the old label just before the switch).
+    pub destroy_grace_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_interval_secs: 300,
+            retention_days: 400,
+            idempotency_retention_days: 1,
+        }
+    }
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            data_key_cryptoperiod_days: 365,
+            kek_cryptoperiod_days: 730,
+            maintenance_interval_secs: 10,
+            api_key_max_age_days: 365,
+            destroy_grace_secs: 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -114,6 +172,8 @@ impl Default for Config {
             crypto: CryptoConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
+            keys: KeysConfig::default(),
         }
     }
 }
@@ -286,6 +346,17 @@ impl Config {
         {
             return Err(ConfigError::Insecure(
                 "crypto.seal_limit must be between 1 and 2^32 (NIST SP 800-38D)".to_string(),
+            ));
+        }
+        if self.audit.checkpoint_interval_secs == 0
+            || self.keys.maintenance_interval_secs == 0
+            || self.keys.data_key_cryptoperiod_days == 0
+            || self.keys.kek_cryptoperiod_days == 0
+        {
+            return Err(ConfigError::Invalid(
+                "audit.checkpoint_interval_secs, keys.maintenance_interval_secs and the \
+                 cryptoperiods must be at least 1"
+                    .to_string(),
             ));
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {

@@ -12,11 +12,13 @@
 //!   implementations.
 //! - [`domain`]: pure types (`Pan`, `Brand`, `Expiry`, ids); no IO.
 //! - [`config`]: TOML + environment configuration, validated at start-up.
+//! - [`report`]: the PCI DSS evidence report of `cardvault audit report`.
 
 pub mod api;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod storage;

@@ -128,18 +128,39 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    let origin = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| p.0.ip().to_string());
     let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+        state
+            .vault
+            .record_auth_failure(origin, error::current_request_id(), "missing_key")
+            .await;
         return ApiError::unauthenticated("missing API key: send Authorization: Bearer sk_…")
             .into_response();
     };
     let principal = match state.vault.authenticate(presented).await {
         Ok(p) => p,
         Err(ServiceError::Unauthenticated) => {
-            return ApiError::unauthenticated("invalid API key").into_response()
+            state
+                .vault
+                .record_auth_failure(origin, error::current_request_id(), "invalid_key")
+                .await;
+            return ApiError::unauthenticated("invalid API key").into_response();
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
     if principal.kind != ApiKeyKind::Secret {
+        state
+            .vault
+            .record_scope_denial(
+                &principal,
+                origin,
+                error::current_request_id(),
+                "secret_key",
+            )
+            .await;
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "permission_error",
@@ -148,10 +169,6 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         )
         .into_response();
     }
-    let origin = req
-        .extensions()
-        .get::<PeerAddr>()
-        .map(|p| p.0.ip().to_string());
     req.extensions_mut().insert(Context {
         principal,
         origin,

@@ -22,6 +22,10 @@ use super::{CryptoError, CryptoMode};
 use crate::domain::new_id;
 use crate::storage::{DataKeyRecord, KeyStore, StorageError};
 
+mod rotation;
+use rotation::key_audit;
+pub use rotation::{label_version, AuditMacKey, AUDIT_HSM_LABEL};
+
 /// Seals reserved in the database per round trip. A crash wastes at most
 /// this many seals of a key's budget (plus [`SEAL_PREFETCH_AT`] when the
 /// next block was already reserved); it can never reuse any.
@@ -216,8 +220,10 @@ impl Keyring {
     }
 
     /// Makes sure the KEK exists in the HSM (used by `hsm init` and start-up).
+    /// The KEK is the newest active one in the HSM key registry (after a
+    /// rotation), else the configured label.
     pub async fn ensure_kek(&self) -> Result<(), CryptoError> {
-        let label = self.cfg.kek_label.clone();
+        let label = self.kek_label().await?;
         self.hsm(move |c| c.ensure_key(&label, KeyPurpose::KeyEncryption))
             .await
             .map(|_| ())
@@ -625,15 +631,26 @@ impl Keyring {
         purpose: Purpose,
         version: i64,
     ) -> Result<Arc<DataKey>, CryptoError> {
+        self.create_in(owner, purpose, version, self.cfg.mode, true)
+            .await
+    }
+
+    /// [`Keyring::create`] in a given mode; `audited: false` only for the
+    /// audit key itself (nothing can be audited before it exists).
+    async fn create_in(
+        &self,
+        owner: KeyOwner<'_>,
+        purpose: Purpose,
+        version: i64,
+        mode: CryptoMode,
+        audited: bool,
+    ) -> Result<Arc<DataKey>, CryptoError> {
         let id = new_id("dek");
         let owner_str = owner.as_str().to_string();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let (material, wrapped, wrapping_label) = match self.cfg.mode {
+        let (material, wrapped, wrapping_label) = match mode {
             CryptoMode::Envelope => {
-                let label = match owner {
-                    KeyOwner::Merchant(m) => merchant_key_label(m),
-                    KeyOwner::System => self.cfg.kek_label.clone(),
-                };
+                let label = self.wrapping_label(owner).await?;
                 let mut bytes = Zeroizing::new([0u8; 32]);
                 OsRng.fill_bytes(bytes.as_mut());
                 let mut iv = [0u8; GCM_IV_LEN];
@@ -671,14 +688,15 @@ impl Keyring {
             merchant_id: owner.merchant_id().map(str::to_string),
             purpose: purpose.as_str().to_string(),
             version,
-            mode: self.cfg.mode.as_str().to_string(),
+            mode: mode.as_str().to_string(),
             wrapped,
             wrapping_label,
             seals_reserved: 0,
             created_at: now,
             retired_at: None,
         };
-        match self.store.insert_data_key(&rec).await {
+        let audit = audited.then(|| key_audit("key.create", &rec));
+        match self.store.insert_data_key(&rec, audit.as_ref()).await {
             Ok(()) => {}
             // Another node made this version first: use theirs.
             Err(StorageError::Conflict(_)) => {

@@ -15,7 +15,8 @@ mod keyring;
 pub mod record;
 
 pub use keyring::{
-    merchant_key_label, KeyOwner, Keyring, KeyringConfig, Purpose, DEFAULT_SEAL_LIMIT,
+    label_version, merchant_key_label, AuditMacKey, KeyOwner, Keyring, KeyringConfig, Purpose,
+    AUDIT_HSM_LABEL, DEFAULT_SEAL_LIMIT,
 };
 
 #[cfg(test)]

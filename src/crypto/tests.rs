@@ -20,7 +20,11 @@ pub(crate) struct MemKeyStore {
 
 #[async_trait]
 impl KeyStore for MemKeyStore {
-    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        _audit: Option<&crate::storage::AuditEntry>,
+    ) -> StorageResult<()> {
         self.keys
             .lock()
             .unwrap()
@@ -47,6 +51,16 @@ impl KeyStore for MemKeyStore {
             })
             .max_by_key(|k| k.version)
             .cloned())
+    }
+    async fn active_hsm_key(
+        &self,
+        _kind: &str,
+        _merchant_id: Option<&str>,
+    ) -> StorageResult<Option<String>> {
+        Ok(None)
+    }
+    async fn register_hsm_key(&self, _k: &crate::storage::HsmKeyRecord) -> StorageResult<()> {
+        Ok(())
     }
     async fn reserve_seals(&self, id: &str, block: i64) -> StorageResult<i64> {
         let mut keys = self.keys.lock().unwrap();

@@ -142,5 +142,11 @@ pub async fn vault_with(
         .ensure_kek()
         .await
         .map_err(|e| anyhow::anyhow!("create or find the KEK: {e}"))?;
-    Ok(Vault::new(storage, keyring))
+    let vault = Vault::new(storage, keyring);
+    // Without the audit key nothing can be audited, so nothing may happen.
+    vault
+        .install_audit_key()
+        .await
+        .map_err(|e| anyhow::anyhow!("load the audit key: {e}"))?;
+    Ok(vault)
 }

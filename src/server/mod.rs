@@ -32,6 +32,16 @@ pub struct Application {
     router: Router,
     limits: Arc<Limits>,
     vault: Arc<Vault>,
+    /// Audit checkpoints and key maintenance settings.
+    upkeep: Upkeep,
+}
+
+/// Background duties of a serving node (issue 6).
+#[derive(Clone)]
+struct Upkeep {
+    checkpoint_every: Duration,
+    maintenance_every: Duration,
+    keys: crate::config::KeysConfig,
 }
 
 impl Application {
@@ -64,6 +74,11 @@ impl Application {
             router,
             limits,
             vault,
+            upkeep: Upkeep {
+                checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_interval_secs),
+                maintenance_every: Duration::from_secs(cfg.keys.maintenance_interval_secs),
+                keys: cfg.keys.clone(),
+            },
         })
     }
 
@@ -83,8 +98,15 @@ impl Application {
             acceptor,
             router,
             limits,
-            vault: _,
+            vault,
+            upkeep,
         } = self;
+        // Fail closed: a node that cannot write its audit trail does not serve.
+        vault
+            .record_lifecycle("service.start", &format!("pid={}", std::process::id()))
+            .await
+            .map_err(|e| anyhow::anyhow!("record service start in the audit trail: {e}"))?;
+        let upkeep_task = tokio::spawn(run_upkeep(Arc::clone(&vault), upkeep));
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tokio::pin!(shutdown);
@@ -178,7 +200,39 @@ impl Application {
         {
             tracing::warn!("grace period over; closing remaining connections");
         }
+        upkeep_task.abort();
+        if let Err(e) = vault.record_lifecycle("service.stop", "graceful").await {
+            tracing::error!(error = %e, "could not record service stop in the audit trail");
+        }
+        if let Err(e) = vault.checkpoint().await {
+            tracing::error!(error = %e, "could not sign the shutdown audit checkpoint");
+        }
         Ok(())
+    }
+}
+
+/// Signs audit checkpoints and runs key maintenance on their intervals.
+/// Failures are logged and retried on the next tick.
+async fn run_upkeep(vault: Arc<Vault>, upkeep: Upkeep) {
+    let mut checkpoint = tokio::time::interval(upkeep.checkpoint_every);
+    let mut maintenance = tokio::time::interval(upkeep.maintenance_every);
+    checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = checkpoint.tick() => {
+                if let Err(e) = vault.checkpoint().await {
+                    tracing::warn!(error = %e, "audit checkpoint failed");
+                }
+            }
+            _ = maintenance.tick() => {
+                match vault.key_maintenance(&upkeep.keys).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rotated = n, "data keys past their cryptoperiod rotated"),
+                    Err(e) => tracing::warn!(error = %e, "key maintenance failed"),
+                }
+            }
+        }
     }
 }
 

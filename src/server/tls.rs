@@ -95,6 +95,22 @@ fn suites() -> Vec<rustls::SupportedCipherSuite> {
     ]
 }
 
+/// The protocol versions and cipher suites [`server_config`] puts in force
+/// for `cfg` (audit evidence, PCI DSS 4.2.1).
+pub fn policy(cfg: &Config) -> (Vec<String>, Vec<String>) {
+    let versions = if cfg.tls.min_version == "1.3" {
+        vec!["TLSv1.3".to_string()]
+    } else {
+        vec!["TLSv1.3".to_string(), "TLSv1.2".to_string()]
+    };
+    let suites = suites()
+        .into_iter()
+        .filter(|s| cfg.tls.min_version != "1.3" || s.version() == &rustls::version::TLS13)
+        .map(|s| format!("{:?}", s.suite()))
+        .collect();
+    (versions, suites)
+}
+
 /// Builds the rustls configuration from the validated config.
 pub fn server_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let cert_path = cfg.tls_cert_path();

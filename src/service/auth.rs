@@ -114,7 +114,10 @@ impl Vault {
             event: "merchant.create".to_string(),
             resource: Some(merchant_id.clone()),
             outcome: "success".to_string(),
-            detail: Some(format!("reveal_scope={reveal}")),
+            detail: Some(format!(
+                "reveal_scope={reveal} api_keys={},{}",
+                keys[0].id, keys[1].id
+            )),
             ..AuditEntry::default()
         };
         self.storage

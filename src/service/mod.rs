@@ -2,12 +2,15 @@
 //! rules (tenancy, dedupe, defaults, audit) and the calls into crypto and
 //! storage; knows nothing of HTTP.
 
+pub mod audit;
 mod auth;
 mod cards;
 mod customers;
+pub mod keys;
 
 use std::sync::Arc;
 
+pub use audit::{Finding, Tamper, Verification};
 pub use auth::{Principal, Scope};
 pub use cards::{CardView, NewCard, RevealedCard};
 pub use customers::{CustomerPage, NewCustomer};

@@ -10,12 +10,16 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod chain;
 mod common;
 mod postgres;
+mod postgres_audit;
 mod sqlite;
+mod sqlite_audit;
 #[cfg(test)]
 mod tests;
 
+pub use chain::{AuditSealer, ChainRow, Checkpoint};
 pub use postgres::PgStorage;
 pub use sqlite::SqliteStorage;
 
@@ -335,7 +339,14 @@ pub trait CardStore: Send + Sync {
 
 #[async_trait]
 pub trait KeyStore: Send + Sync {
-    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()>;
+    /// Stores a new data key, recording `audit` in the same transaction
+    /// (`None` only for the audit key itself, which must exist before
+    /// anything can be audited; its creation is recorded right after).
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        audit: Option<&AuditEntry>,
+    ) -> StorageResult<()>;
     async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>>;
     /// The newest non-retired key for (merchant, purpose).
     async fn current_data_key(
@@ -345,6 +356,15 @@ pub trait KeyStore: Send + Sync {
     ) -> StorageResult<Option<DataKeyRecord>>;
     /// Atomically adds `block` to `seals_reserved` and returns the new total.
     async fn reserve_seals(&self, id: &str, block: i64) -> StorageResult<i64>;
+    /// Label of the newest `active` HSM key of `kind` (`kek`, or `merchant`
+    /// with its id) in the registry, if any.
+    async fn active_hsm_key(
+        &self,
+        kind: &str,
+        merchant_id: Option<&str>,
+    ) -> StorageResult<Option<String>>;
+    /// Records an HSM key (no-op when the label is known).
+    async fn register_hsm_key(&self, k: &HsmKeyRecord) -> StorageResult<()>;
 }
 
 #[async_trait]
@@ -373,10 +393,136 @@ pub trait AuditStore: Send + Sync {
     async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>>;
 }
 
+// ---- issue 6: audit chain, key life cycle, shredding, report evidence ----
+
+/// The audit hash chain and its HSM-signed checkpoints (see [`chain`]).
+#[async_trait]
+pub trait AuditChainStore: Send + Sync {
+    /// Installs the sealer every later append MACs with.
+    fn set_audit_sealer(&self, sealer: std::sync::Arc<dyn AuditSealer>);
+    /// Rows in `seq` order with their chain fields.
+    async fn chain_rows(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<ChainRow>>;
+    /// `(seq, hash, chained entries)` of the newest chained row.
+    async fn chain_head(&self) -> StorageResult<Option<(i64, Vec<u8>, i64)>>;
+    async fn insert_checkpoint(&self, c: &Checkpoint) -> StorageResult<()>;
+    async fn list_checkpoints(&self) -> StorageResult<Vec<Checkpoint>>;
+    /// Entries per event type and outcome.
+    async fn audit_event_counts(&self) -> StorageResult<Vec<(String, String, i64)>>;
+}
+
+/// An HSM key the vault created (KEK or merchant wrapping key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HsmKeyRecord {
+    pub label: String,
+    /// `kek` or `merchant`.
+    pub kind: String,
+    pub merchant_id: Option<String>,
+    pub version: i64,
+    /// `active`, `retired` or `destroyed`.
+    pub state: String,
+    pub created_at: i64,
+    pub retired_at: Option<i64>,
+    pub destroyed_at: Option<i64>,
+}
+
+/// A card whose ciphertext is under a retired data key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaleCard {
+    pub seq: i64,
+    pub id: String,
+    pub merchant_id: String,
+    pub dek_id: String,
+    pub pan_ciphertext: Vec<u8>,
+}
+
+/// A re-sealed card: replaces the ciphertext only if it is still under
+/// `old_dek_id` (a concurrent update or delete wins).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reseal {
+    pub id: String,
+    pub old_dek_id: String,
+    pub new_dek_id: String,
+    pub pan_ciphertext: Vec<u8>,
+}
+
+/// Where a scan of the database found something.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ScanHit {
+    pub table: String,
+    pub column: String,
+    /// Rows of that column that matched.
+    pub rows: i64,
+}
+
+/// Key life cycle and operator tooling (rotation, re-encryption, shredding)
+/// and the read-only evidence the audit report is built from.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    async fn list_hsm_keys(&self) -> StorageResult<Vec<HsmKeyRecord>>;
+    /// Moves a key to `retired` or `destroyed`, recording `audit`.
+    async fn set_hsm_key_state(
+        &self,
+        label: &str,
+        state: &str,
+        at: i64,
+        audit: &AuditEntry,
+    ) -> StorageResult<()>;
+    async fn list_data_keys(&self) -> StorageResult<Vec<DataKeyRecord>>;
+    /// Replaces the wrapping of a data key if it is still wrapped by
+    /// `old_label`; `false` otherwise.
+    async fn rewrap_data_key(
+        &self,
+        id: &str,
+        old_label: &str,
+        new_label: &str,
+        wrapped: &[u8],
+        audit: &AuditEntry,
+    ) -> StorageResult<bool>;
+    /// Retires a data key (no new seals); `false` when already retired.
+    async fn retire_data_key(&self, id: &str, at: i64, audit: &AuditEntry) -> StorageResult<bool>;
+    /// Cards under retired data keys, in `seq` order after `after_seq`.
+    async fn stale_cards(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<StaleCard>>;
+    async fn count_stale_cards(&self) -> StorageResult<i64>;
+    /// Applies re-seals in one transaction; returns how many applied.
+    async fn reseal_cards(&self, reseals: &[Reseal], audit: &AuditEntry) -> StorageResult<u64>;
+    /// Deletes every row of the merchant (cards, customers, keys, data
+    /// keys, idempotency records, the merchant), recording `audit`.
+    async fn delete_merchant_rows(
+        &self,
+        merchant_id: &str,
+        audit: &AuditEntry,
+    ) -> StorageResult<()>;
+    async fn list_merchants(&self) -> StorageResult<Vec<MerchantRecord>>;
+    async fn list_api_keys(&self) -> StorageResult<Vec<ApiKeyRecord>>;
+    /// Revokes an API key, recording `audit`.
+    async fn revoke_api_key(&self, id: &str, at: i64, audit: &AuditEntry) -> StorageResult<()>;
+    /// Every text and binary value of every column of every table, offered
+    /// to `matches`; counts matching rows per column.
+    async fn scan_all_columns(
+        &self,
+        matches: &(dyn for<'b> Fn(&'b [u8]) -> bool + Send + Sync),
+    ) -> StorageResult<(Vec<ScanHit>, i64)>;
+    /// Rows of `table` whose `column` is below `before`; `None` when the
+    /// table or column does not exist.
+    async fn count_older(
+        &self,
+        table: &str,
+        column: &str,
+        before: i64,
+    ) -> StorageResult<Option<i64>>;
+}
+
 /// Everything the service layer needs from a database.
 #[async_trait]
 pub trait Storage:
-    MerchantStore + CustomerStore + CardStore + KeyStore + IdempotencyStore + AuditStore
+    MerchantStore
+    + CustomerStore
+    + CardStore
+    + KeyStore
+    + IdempotencyStore
+    + AuditStore
+    + AuditChainStore
+    + AdminStore
 {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;

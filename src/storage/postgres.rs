@@ -22,6 +22,7 @@ use super::common::{
     ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
     MerchantRow,
 };
+use super::postgres_audit::insert_audit;
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
     CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
@@ -39,6 +40,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct PgStorage {
     pool: PgPool,
+    /// MACs the audit chain; appends fail until it is installed.
+    pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
 }
 
 /// SQLSTATEs that mean "try again later" rather than a bug: connection
@@ -55,7 +58,7 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
     })
 }
 
-fn db_err(err: sqlx::Error) -> StorageError {
+pub(super) fn db_err(err: sqlx::Error) -> StorageError {
     common::map_err(err, is_transient)
 }
 
@@ -72,7 +75,10 @@ impl PgStorage {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(PgStorage { pool })
+        Ok(PgStorage {
+            pool,
+            sealer: Default::default(),
+        })
     }
 
     /// The connection pool (for tests and operator tooling).
@@ -80,29 +86,9 @@ impl PgStorage {
         &self.pool
     }
 
-    async fn begin(&self) -> StorageResult<sqlx::Transaction<'static, Postgres>> {
+    pub(super) async fn begin(&self) -> StorageResult<sqlx::Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(db_err)
     }
-}
-
-async fn insert_audit(ex: impl PgExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
-         request_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(e.at)
-    .bind(&e.actor)
-    .bind(&e.merchant_id)
-    .bind(&e.event)
-    .bind(&e.resource)
-    .bind(&e.outcome)
-    .bind(&e.origin)
-    .bind(&e.request_id)
-    .bind(&e.detail)
-    .execute(ex)
-    .await
-    .map_err(db_err)?;
-    Ok(())
 }
 
 async fn fetch_customer(
@@ -239,7 +225,7 @@ impl MerchantStore for PgStorage {
             .await
             .map_err(db_err)?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -303,7 +289,7 @@ impl CustomerStore for PgStorage {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -382,9 +368,9 @@ impl CustomerStore for PgStorage {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         for card in cards.into_iter().map(CardRecord::from) {
-            insert_audit(&mut *tx, &card_audit(&card)).await?;
+            insert_audit(&mut tx, &self.sealer, &card_audit(&card)).await?;
         }
         tx.commit().await.map_err(db_err)
     }
@@ -504,7 +490,7 @@ impl CardStore for PgStorage {
             )
             .await?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(CardInsert::Created { default })
     }
@@ -615,14 +601,19 @@ impl CardStore for PgStorage {
             .map_err(db_err)?;
             set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 }
 
 #[async_trait]
 impl KeyStore for PgStorage {
-    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        audit: Option<&AuditEntry>,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO data_keys (",
             data_key_columns!(),
@@ -638,10 +629,13 @@ impl KeyStore for PgStorage {
         .bind(key.seals_reserved)
         .bind(key.created_at)
         .bind(key.retired_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        if let Some(audit) = audit {
+            insert_audit(&mut tx, &self.sealer, audit).await?;
+        }
+        tx.commit().await.map_err(db_err)
     }
 
     async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>> {
@@ -688,6 +682,18 @@ impl KeyStore for PgStorage {
         .await
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)
+    }
+
+    async fn active_hsm_key(
+        &self,
+        kind: &str,
+        merchant_id: Option<&str>,
+    ) -> StorageResult<Option<String>> {
+        self.active_hsm_key_impl(kind, merchant_id).await
+    }
+
+    async fn register_hsm_key(&self, k: &super::HsmKeyRecord) -> StorageResult<()> {
+        self.register_hsm_key_impl(k).await
     }
 }
 
@@ -779,7 +785,7 @@ impl IdempotencyStore for PgStorage {
 #[async_trait]
 impl AuditStore for PgStorage {
     async fn append_audit(&self, entry: &AuditEntry) -> StorageResult<()> {
-        insert_audit(&self.pool, entry).await
+        super::postgres_audit::append(self, entry).await
     }
 
     async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>> {

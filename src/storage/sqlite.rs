@@ -22,6 +22,7 @@ use super::common::{
     ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
     MerchantRow,
 };
+use super::sqlite_audit::insert_audit;
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
     CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
@@ -41,6 +42,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    /// MACs the audit chain; appends fail until it is installed.
+    pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
 }
 
 /// SQLite primary result codes that mean "try again later" rather than a bug:
@@ -51,7 +54,7 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
         .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13 | 14 | 15))
 }
 
-fn db_err(err: sqlx::Error) -> StorageError {
+pub(super) fn db_err(err: sqlx::Error) -> StorageError {
     common::map_err(err, is_transient)
 }
 
@@ -76,7 +79,10 @@ impl SqliteStorage {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(SqliteStorage { pool })
+        Ok(SqliteStorage {
+            pool,
+            sealer: Default::default(),
+        })
     }
 
     /// The connection pool (for tests and operator tooling).
@@ -84,32 +90,12 @@ impl SqliteStorage {
         &self.pool
     }
 
-    async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
+    pub(super) async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)
     }
-}
-
-async fn insert_audit(ex: impl SqliteExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
-         request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(e.at)
-    .bind(&e.actor)
-    .bind(&e.merchant_id)
-    .bind(&e.event)
-    .bind(&e.resource)
-    .bind(&e.outcome)
-    .bind(&e.origin)
-    .bind(&e.request_id)
-    .bind(&e.detail)
-    .execute(ex)
-    .await
-    .map_err(db_err)?;
-    Ok(())
 }
 
 async fn fetch_customer(
@@ -230,7 +216,7 @@ impl MerchantStore for SqliteStorage {
             .await
             .map_err(db_err)?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -295,7 +281,7 @@ impl CustomerStore for SqliteStorage {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -375,9 +361,9 @@ impl CustomerStore for SqliteStorage {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         for card in cards.into_iter().map(CardRecord::from) {
-            insert_audit(&mut *tx, &card_audit(&card)).await?;
+            insert_audit(&mut tx, &self.sealer, &card_audit(&card)).await?;
         }
         tx.commit().await.map_err(db_err)
     }
@@ -495,7 +481,7 @@ impl CardStore for SqliteStorage {
             )
             .await?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(CardInsert::Created { default })
     }
@@ -588,14 +574,19 @@ impl CardStore for SqliteStorage {
             .map_err(db_err)?;
             set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
         }
-        insert_audit(&mut *tx, audit).await?;
+        insert_audit(&mut tx, &self.sealer, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 }
 
 #[async_trait]
 impl KeyStore for SqliteStorage {
-    async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        audit: Option<&AuditEntry>,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(concat!(
             "INSERT INTO data_keys (",
             data_key_columns!(),
@@ -611,10 +602,13 @@ impl KeyStore for SqliteStorage {
         .bind(key.seals_reserved)
         .bind(key.created_at)
         .bind(key.retired_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        if let Some(audit) = audit {
+            insert_audit(&mut tx, &self.sealer, audit).await?;
+        }
+        tx.commit().await.map_err(db_err)
     }
 
     async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>> {
@@ -661,6 +655,18 @@ impl KeyStore for SqliteStorage {
         .await
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)
+    }
+
+    async fn active_hsm_key(
+        &self,
+        kind: &str,
+        merchant_id: Option<&str>,
+    ) -> StorageResult<Option<String>> {
+        self.active_hsm_key_impl(kind, merchant_id).await
+    }
+
+    async fn register_hsm_key(&self, k: &super::HsmKeyRecord) -> StorageResult<()> {
+        self.register_hsm_key_impl(k).await
     }
 }
 
@@ -750,7 +756,7 @@ impl IdempotencyStore for SqliteStorage {
 #[async_trait]
 impl AuditStore for SqliteStorage {
     async fn append_audit(&self, entry: &AuditEntry) -> StorageResult<()> {
-        insert_audit(&self.pool, entry).await
+        super::sqlite_audit::append(self, entry).await
     }
 
     async fn list_audit(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<AuditRow>> {

@@ -26,7 +26,21 @@ async fn sqlite_db() -> SqliteDb {
     let url = format!("sqlite://{}", dir.path().join("vault.db").display());
     let storage = SqliteStorage::connect(&url, 4).await.unwrap();
     storage.migrate().await.unwrap();
+    storage.set_audit_sealer(std::sync::Arc::new(TestSealer));
     SqliteDb { storage, _dir: dir }
+}
+
+/// A fixed-key audit sealer: these tests exercise storage, not the keyring.
+struct TestSealer;
+
+impl super::AuditSealer for TestSealer {
+    fn key_id(&self) -> &str {
+        "dek_test_audit"
+    }
+    fn mac(&self, data: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest([b"test-audit-key".as_slice(), data].concat()).into()
+    }
 }
 
 /// A throw-away PostgreSQL database, dropped (best effort) with the value,
@@ -70,6 +84,7 @@ impl PgDb {
             .await
             .unwrap();
         storage.migrate().await.unwrap();
+        storage.set_audit_sealer(std::sync::Arc::new(TestSealer));
         db.storage = Some(storage);
         Some(db)
     }
@@ -1094,7 +1109,7 @@ fn data_key(id: &str, merchant: Option<&str>, purpose: &str, version: i64) -> Da
 async fn data_keys_and_seal_reservations(s: &dyn Storage) {
     merchant(s, "mer_a", 1).await;
     let k1 = data_key("dek_1", Some("mer_a"), "pan", 1);
-    s.insert_data_key(&k1).await.unwrap();
+    s.insert_data_key(&k1, None).await.unwrap();
     assert_eq!(s.get_data_key("dek_1").await.unwrap(), Some(k1.clone()));
     assert_eq!(s.get_data_key("dek_missing").await.unwrap(), None);
     assert_eq!(
@@ -1136,8 +1151,8 @@ async fn data_keys_and_seal_reservations(s: &dyn Storage) {
         retired_at: Some(2_000),
         ..data_key("dek_3", Some("mer_a"), "pan", 3)
     };
-    s.insert_data_key(&k2).await.unwrap();
-    s.insert_data_key(&k3).await.unwrap();
+    s.insert_data_key(&k2, None).await.unwrap();
+    s.insert_data_key(&k3, None).await.unwrap();
     assert_eq!(
         s.current_data_key(Some("mer_a"), "pan").await.unwrap(),
         Some(k2.clone())
@@ -1158,7 +1173,7 @@ async fn data_keys_and_seal_reservations(s: &dyn Storage) {
         wrapping_label: "cardvault-audit-v1".to_string(),
         ..data_key("dek_sys", None, "audit", 1)
     };
-    s.insert_data_key(&system).await.unwrap();
+    s.insert_data_key(&system, None).await.unwrap();
     assert_eq!(
         s.current_data_key(None, "audit").await.unwrap(),
         Some(system)
@@ -1171,15 +1186,15 @@ async fn data_keys_and_seal_reservations(s: &dyn Storage) {
 
     // One key per (owner, purpose, version), also for system keys.
     let r = s
-        .insert_data_key(&data_key("dek_2b", Some("mer_a"), "pan", 2))
+        .insert_data_key(&data_key("dek_2b", Some("mer_a"), "pan", 2), None)
         .await;
     assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
     let r = s
-        .insert_data_key(&data_key("dek_sys2", None, "audit", 1))
+        .insert_data_key(&data_key("dek_sys2", None, "audit", 1), None)
         .await;
     assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
     let r = s
-        .insert_data_key(&data_key("dek_1", Some("mer_a"), "pan", 9))
+        .insert_data_key(&data_key("dek_1", Some("mer_a"), "pan", 9), None)
         .await;
     assert!(matches!(r, Err(StorageError::Conflict(_))), "{r:?}");
 }

@@ -5,8 +5,12 @@
 
 pub mod support;
 
+mod audit;
+mod cli;
 mod endpoints;
 mod isolation;
 mod leaks;
 mod process;
+mod report;
+mod rotation;
 mod validation;

@@ -90,6 +90,10 @@ pub struct TestApp {
     pub db_url: String,
     pub token_label: String,
     pub vault: Arc<Vault>,
+    /// The configuration the server runs with.
+    pub cfg: Config,
+    /// How to reach this test's token (for a second, CLI-like vault).
+    pub p11: cardvault_hsm::Pkcs11Config,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -135,12 +139,23 @@ pub async fn db_url_for(backend: Backend, data: &std::path::Path) -> String {
 
 impl TestApp {
     pub async fn spawn(backend: Backend, mode: CryptoMode) -> TestApp {
+        Self::spawn_with(backend, mode, |_| {}).await
+    }
+
+    /// Like [`TestApp::spawn`], with the configuration adjusted first.
+    pub async fn spawn_with(
+        backend: Backend,
+        mode: CryptoMode,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
         init_logging();
         let data = tempfile::tempdir().expect("tempdir");
         let db_url = db_url_for(backend, data.path()).await;
-        let cfg = test_config(data.path(), &db_url, mode);
+        let mut cfg = test_config(data.path(), &db_url, mode);
+        tweak(&mut cfg);
         let p11 = cardvault::testkit::fresh_token_config();
         let token_label = p11.token_label.clone();
+        let p11_copy = p11.clone();
         let custodian =
             tokio::task::spawn_blocking(move || cardvault_hsm::Pkcs11Custodian::connect(p11))
                 .await
@@ -169,6 +184,8 @@ impl TestApp {
             db_url,
             token_label,
             vault,
+            cfg,
+            p11: p11_copy,
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -254,6 +271,31 @@ impl TestApp {
             .await;
         assert!(s == StatusCode::CREATED || s == StatusCode::OK, "{s} {v}");
         v
+    }
+
+    /// A second vault over the same database and token, as a CLI process
+    /// (`cardvault keys …`, `audit …`) running beside the server would have.
+    pub async fn operator_vault(&self) -> Vault {
+        let p11 = self.p11.clone();
+        let custodian =
+            tokio::task::spawn_blocking(move || cardvault_hsm::Pkcs11Custodian::connect(p11))
+                .await
+                .expect("join")
+                .expect("connect token");
+        let storage = bootstrap::storage(&self.cfg).await.expect("storage");
+        bootstrap::vault_with(&self.cfg, storage, Arc::new(custodian))
+            .await
+            .expect("operator vault")
+    }
+
+    /// Stops the server gracefully and waits for it, keeping the database.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
     }
 
     /// Stops the server gracefully and waits for it.

@@ -1,0 +1,392 @@
+//! Issue 6 acceptance 1 and 2: the audit trail is tamper-evident (an edit,
+//! deletion, insertion or reordering of one row, done in SQL with the
+//! append-only triggers dropped, is detected and named by `audit verify`),
+//! and a scripted session leaves every required event type in it without
+//! any PAN, CVV, secret or key.
+
+use cardvault::crypto::CryptoMode;
+use cardvault::report::pan_scan::contains_pan;
+use cardvault::service::Tamper;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::matrix;
+use crate::support::{Backend, TestApp, AMEX, MASTERCARD, VISA};
+
+/// Runs SQL statements against the test's database directly.
+pub async fn exec_sql(app: &TestApp, statements: &[&str]) {
+    match app.backend {
+        Backend::Sqlite => {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+            for s in statements {
+                sqlx::query(s)
+                    .execute(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+        }
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+            for s in statements {
+                sqlx::query(s)
+                    .execute(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+        }
+    }
+}
+
+fn drop_triggers(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        Backend::Sqlite => &[
+            "DROP TRIGGER audit_log_no_update",
+            "DROP TRIGGER audit_log_no_delete",
+        ],
+        Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
+    }
+}
+
+/// Some API activity: every request below leaves at least one audit entry.
+async fn activity(app: &TestApp) {
+    let m = app.merchant(true).await;
+    for (i, pan) in [VISA, MASTERCARD, AMEX].iter().enumerate() {
+        let cus = app.customer(&m.sk, &format!("c{i}@example.com")).await;
+        let card = app.card(&m.sk, &cus, pan).await;
+        let id = card["id"].as_str().unwrap();
+        let (s, _) = app
+            .post(&format!("/v1/cards/{id}/reveal"), &m.sk, json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+}
+
+async fn chain_seqs(app: &TestApp) -> Vec<i64> {
+    app.storage()
+        .chain_rows(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+/// One tamper scenario: a fresh vault with activity and a checkpoint,
+/// the SQL applied, then `verify` must name `expect_seq` as `expect`.
+async fn tamper_case(
+    backend: Backend,
+    name: &str,
+    sql: impl Fn(i64, i64) -> Vec<String>,
+    expect: Tamper,
+    pick: usize,
+) {
+    let app = TestApp::spawn(backend, CryptoMode::Envelope).await;
+    activity(&app).await;
+    app.vault.checkpoint().await.unwrap();
+    let clean = app.vault.verify_audit("test").await.unwrap();
+    assert!(
+        clean.ok(),
+        "{name}: clean log reported tampered: {:?}",
+        clean.findings
+    );
+    activity(&app).await;
+    let seqs = chain_seqs(&app).await;
+    assert!(
+        seqs.len() > 12,
+        "{name}: not enough entries: {}",
+        seqs.len()
+    );
+    let target = seqs[pick.min(seqs.len() - 2)];
+    let next = seqs[seqs.iter().position(|s| *s == target).unwrap() + 1];
+    exec_sql(&app, drop_triggers(backend)).await;
+    let stmts = sql(target, next);
+    exec_sql(&app, &stmts.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    if backend == Backend::Postgres {
+        // As a forger would: keep the sequence ahead of the rows moved up.
+        exec_sql(
+            &app,
+            &["SELECT setval('audit_log_seq_seq', (SELECT max(seq) FROM audit_log))"],
+        )
+        .await;
+    }
+    let v = app.vault.verify_audit("test").await.unwrap();
+    let first = v
+        .findings
+        .first()
+        .unwrap_or_else(|| panic!("{name}: tampering not detected"));
+    assert_eq!(first.kind, expect, "{name}: {:?}", v.findings);
+    let named = match expect {
+        Tamper::Deleted => next,
+        Tamper::Inserted => target + 1,
+        _ => target,
+    };
+    assert_eq!(first.seq, named, "{name}: {:?}", v.findings);
+    assert!(
+        first.message.contains(&format!("seq {named}")),
+        "{name}: {}",
+        first.message
+    );
+    // The verification run is itself audited, as a failure.
+    let rows = app.storage().list_audit(0, 100_000).await.unwrap();
+    let last = rows.last().unwrap();
+    assert_eq!(
+        (last.entry.event.as_str(), last.entry.outcome.as_str()),
+        ("audit.verify", "failure")
+    );
+    app.stop().await;
+}
+
+async fn tampering_is_detected_and_named(backend: Backend) {
+    tamper_case(
+        backend,
+        "edit",
+        |t, _| {
+            vec![format!(
+                "UPDATE audit_log SET outcome = 'denied' WHERE seq = {t}"
+            )]
+        },
+        Tamper::Edited,
+        8,
+    )
+    .await;
+    tamper_case(
+        backend,
+        "delete",
+        |t, _| vec![format!("DELETE FROM audit_log WHERE seq = {t}")],
+        Tamper::Deleted,
+        8,
+    )
+    .await;
+    tamper_case(
+        backend,
+        "insert",
+        |t, _| {
+            // Make room after `t`, then forge an entry there (copying the
+            // chain fields of its predecessor: without the audit key no MAC
+            // can be made).
+            vec![
+                format!("UPDATE audit_log SET seq = -seq WHERE seq > {t}"),
+                format!("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0"),
+                format!(
+                    "INSERT INTO audit_log (seq, at, actor, merchant_id, event, resource, outcome, origin, \
+                     request_id, detail, prev_hash, hash, mac, mac_key_id) \
+                     SELECT {n}, at, 'operator', merchant_id, 'card.delete', resource, 'success', origin, \
+                     request_id, NULL, hash, mac, mac, mac_key_id FROM audit_log WHERE seq = {t}",
+                    n = t + 1
+                ),
+            ]
+        },
+        Tamper::Inserted,
+        8,
+    )
+    .await;
+    tamper_case(
+        backend,
+        "reorder",
+        |t, n| {
+            vec![
+                format!("UPDATE audit_log SET seq = -1 WHERE seq = {t}"),
+                format!("UPDATE audit_log SET seq = {t} WHERE seq = {n}"),
+                format!("UPDATE audit_log SET seq = {n} WHERE seq = -1"),
+            ]
+        },
+        Tamper::Reordered,
+        8,
+    )
+    .await;
+}
+
+mod tamper_sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::tampering_is_detected_and_named(super::Backend::Sqlite).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::tampering_is_detected_and_named(super::Backend::Postgres).await
+    }
+}
+
+/// Cutting the tail (entries after the last checkpoint's head included) is
+/// caught by the HSM-signed checkpoint.
+async fn truncated_tail_is_detected(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn(backend, mode).await;
+    activity(&app).await;
+    let head = app.vault.checkpoint().await.unwrap().unwrap();
+    exec_sql(&app, drop_triggers(backend)).await;
+    exec_sql(
+        &app,
+        &[&format!("DELETE FROM audit_log WHERE seq >= {head}")],
+    )
+    .await;
+    let v = app.vault.verify_audit("test").await.unwrap();
+    let first = v.findings.first().expect("truncation not detected");
+    assert_eq!(
+        (first.kind, first.seq),
+        (Tamper::Deleted, head),
+        "{:?}",
+        v.findings
+    );
+    app.stop().await;
+}
+matrix!(truncated_tail_is_detected);
+
+/// Every event type of issue 6 appears after a scripted session, and no
+/// entry holds a PAN, a secret key or key material.
+pub async fn scripted_session(app: &mut TestApp) -> Vec<String> {
+    let m = app.merchant(true).await;
+    let plain = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "ana@example.com").await;
+    let card = app.card(&m.sk, &cus, VISA).await;
+    let card_id = card["id"].as_str().unwrap().to_string();
+    let card2 = app.card(&m.sk, &cus, MASTERCARD).await;
+    let (s, _) = app
+        .post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Failed authentication: a wrong key and a missing one.
+    let (s, _) = app.get("/v1/customers", "sk_live_not_a_key").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = app.call(Method::GET, "/v1/customers", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Scope denials: a publishable key on a secret route, a reveal without
+    // the scope.
+    let (s, _) = app.get("/v1/customers", &m.pk).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let pcus = app.customer(&plain.sk, "bo@example.com").await;
+    let pcard = app.card(&plain.sk, &pcus, AMEX).await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/cards/{}/reveal", pcard["id"].as_str().unwrap()),
+            &plain.sk,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = app
+        .delete(
+            &format!(
+                "/v1/customers/{cus}/cards/{}",
+                card2["id"].as_str().unwrap()
+            ),
+            &m.sk,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "card delete");
+    let (s, _) = app
+        .delete(&format!("/v1/customers/{pcus}"), &plain.sk)
+        .await;
+    assert_eq!(s, StatusCode::OK, "customer delete");
+    // Operator actions: key rotation, retirement, an API key revoked, a
+    // verification run.
+    let operator = app.operator_vault().await;
+    let np = cardvault::service::keys::NoProgress;
+    operator.rotate_data_keys(None, "operator").await.unwrap();
+    operator
+        .rotate_wrapping_key(None, "operator", &np, std::time::Duration::from_millis(100))
+        .await
+        .unwrap();
+    let keys = app.storage().list_api_keys().await.unwrap();
+    let pk_id = keys
+        .iter()
+        .find(|k| k.merchant_id == plain.id && k.kind.as_str() == "publishable")
+        .unwrap()
+        .id
+        .clone();
+    operator.revoke_api_key(&pk_id, "operator").await.unwrap();
+    let v = operator.verify_audit("operator").await.unwrap();
+    assert!(v.ok(), "{:?}", v.findings);
+    app.shutdown().await;
+    vec![m.sk, m.pk, plain.sk, plain.pk]
+}
+
+async fn every_event_type_is_recorded_without_secrets(backend: Backend, mode: CryptoMode) {
+    let mut app = TestApp::spawn(backend, mode).await;
+    let secrets = scripted_session(&mut app).await;
+    let coverage = app.vault.event_coverage().await.unwrap();
+    let missing: Vec<_> = coverage
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "event types never recorded: {missing:?}"
+    );
+    let rows = app.storage().chain_rows(0, 100_000).await.unwrap();
+    for r in &rows {
+        let e = &r.entry;
+        let fields = [
+            Some(&e.actor),
+            e.merchant_id.as_ref(),
+            Some(&e.event),
+            e.resource.as_ref(),
+            Some(&e.outcome),
+            e.origin.as_ref(),
+            e.request_id.as_ref(),
+            e.detail.as_ref(),
+        ];
+        for f in fields.into_iter().flatten() {
+            assert!(
+                !contains_pan(f.as_bytes()),
+                "entry {} holds a PAN-like value: {f}",
+                r.seq
+            );
+            for s in &secrets {
+                assert!(
+                    !f.contains(s.as_str()),
+                    "entry {} holds a secret key",
+                    r.seq
+                );
+            }
+            assert!(
+                !f.contains("sk_live_not_a_key"),
+                "entry {} echoes a presented key",
+                r.seq
+            );
+            // No key material: nothing long and hex/base64-like.
+            assert!(
+                !f.split(|c: char| !c.is_ascii_alphanumeric())
+                    .any(|w| w.len() >= 40 && w.chars().all(|c| c.is_ascii_hexdigit())),
+                "entry {} holds something like key bytes: {f}",
+                r.seq
+            );
+        }
+    }
+    // The shutdown was recorded and checkpointed; the chain verifies.
+    assert_eq!(rows.last().unwrap().entry.event, "service.stop");
+    let v = app.vault.verify_audit("test").await.unwrap();
+    assert!(v.ok(), "{:?}", v.findings);
+}
+matrix!(every_event_type_is_recorded_without_secrets);
+
+/// A vault whose audit trail cannot be written refuses the action.
+async fn audit_failure_refuses_the_action(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn(backend, mode).await;
+    let m = app.merchant(true).await;
+    let cus = app.customer(&m.sk, "ana@example.com").await;
+    let card = app.card(&m.sk, &cus, VISA).await;
+    let id = card["id"].as_str().unwrap();
+    // Make every append fail (the table is gone).
+    exec_sql(&app, &["ALTER TABLE audit_log RENAME TO audit_log_moved"]).await;
+    let (s, v) = app
+        .post(&format!("/v1/cards/{id}/reveal"), &m.sk, json!({}))
+        .await;
+    assert!(
+        s.is_server_error(),
+        "reveal without audit answered {s}: {v}"
+    );
+    assert!(v.get("number").is_none());
+    let (s, _) = app
+        .post("/v1/customers", &m.sk, json!({"email": "x@example.com"}))
+        .await;
+    assert!(
+        s.is_server_error(),
+        "customer create without audit answered {s}"
+    );
+    exec_sql(&app, &["ALTER TABLE audit_log_moved RENAME TO audit_log"]).await;
+    app.stop().await;
+}
+matrix!(audit_failure_refuses_the_action);
