@@ -329,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve => {
+                let stop = shutdown_signal().context("install signal handlers")?;
                 let app = Application::build(cfg.clone()).await?;
                 let addr = app.local_addr()?;
                 tracing::info!(
@@ -338,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dev = cfg.dev,
                     "cardvault listening on https://{addr}"
                 );
-                app.run_until_stopped(shutdown_signal()).await
+                app.run_until_stopped(stop).await
             }
             Command::Migrate => {
                 bootstrap::storage(&cfg).await?;

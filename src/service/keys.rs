@@ -50,6 +50,8 @@ pub struct Shred {
 /// depends on stable fingerprints) and the audit key keeps its own life
 /// cycle; both are re-wrapped with their wrapping key.
 const ROTATING: [Purpose; 2] = [Purpose::Pan, Purpose::Volatile];
+/// Tries for one re-encryption batch before a database outage is reported.
+const RESEAL_ATTEMPTS: u32 = 6;
 
 fn owner_of(merchant_id: Option<&str>) -> KeyOwner<'_> {
     merchant_id.map_or(KeyOwner::System, KeyOwner::Merchant)
@@ -443,11 +445,34 @@ impl Vault {
                 });
             }
             let entry = system_entry_by(actor, "key.reencrypt", None, "success", None);
-            done += self.storage.reseal_cards(&reseals, &entry).await?;
+            done += self.reseal_with_retry(&reseals, &entry).await?;
             progress.advance(page.len() as u64);
         }
         progress.finish();
         Ok(done)
+    }
+
+    /// Writes one batch of re-sealed cards, riding out short database
+    /// outages (a busy SQLite file under load, a PostgreSQL fail-over): the
+    /// batch is idempotent (each row is only updated while it still holds
+    /// the old key), so trying again is always safe.
+    async fn reseal_with_retry(
+        &self,
+        reseals: &[Reseal],
+        entry: &AuditEntry,
+    ) -> ServiceResult<u64> {
+        let mut delay = std::time::Duration::from_millis(100);
+        for _ in 0..RESEAL_ATTEMPTS - 1 {
+            match self.storage.reseal_cards(reseals, entry).await {
+                Err(StorageError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "re-encryption batch: database unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+                other => return Ok(other?),
+            }
+        }
+        Ok(self.storage.reseal_cards(reseals, entry).await?)
     }
 
     /// One maintenance pass of a serving node: retire data keys past their
