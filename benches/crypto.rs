@@ -10,7 +10,9 @@ use std::sync::Arc;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use cardvault::crypto::{CryptoMode, KeyOwner, Keyring, KeyringConfig, Purpose};
-use cardvault::storage::{AuditEntry, KeyStore, MerchantRecord, MerchantStore, SqliteStorage, Storage};
+use cardvault::storage::{
+    AuditEntry, KeyStore, MerchantRecord, MerchantStore, SqliteStorage, Storage,
+};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -20,7 +22,10 @@ const PAN: &[u8; 19] = b"4111111111111111003";
 
 fn keyring(rt: &tokio::runtime::Runtime, mode: CryptoMode, dir: &std::path::Path) -> Keyring {
     rt.block_on(async {
-        let url = format!("sqlite://{}", dir.join(format!("{}.db", mode.as_str())).display());
+        let url = format!(
+            "sqlite://{}",
+            dir.join(format!("{}.db", mode.as_str())).display()
+        );
         let storage = SqliteStorage::connect(&url, 2).await.expect("sqlite");
         storage.migrate().await.expect("migrate");
         let merchant = MerchantRecord {
@@ -34,7 +39,10 @@ fn keyring(rt: &tokio::runtime::Runtime, mode: CryptoMode, dir: &std::path::Path
             outcome: "success".to_string(),
             ..AuditEntry::default()
         };
-        storage.create_merchant(&merchant, &[], &audit).await.expect("merchant");
+        storage
+            .create_merchant(&merchant, &[], &audit)
+            .await
+            .expect("merchant");
         let store: Arc<dyn KeyStore> = Arc::new(storage);
         let kr = Keyring::new(
             cardvault::testkit::fresh_custodian(),
@@ -49,7 +57,9 @@ fn keyring(rt: &tokio::runtime::Runtime, mode: CryptoMode, dir: &std::path::Path
             .seal(KeyOwner::Merchant("mer_bench"), Purpose::Pan, "card_x", PAN)
             .await
             .expect("seal");
-        kr.open(KeyOwner::Merchant("mer_bench"), "card_x", &s).await.expect("open");
+        kr.open(KeyOwner::Merchant("mer_bench"), "card_x", &s)
+            .await
+            .expect("open");
         kr.fingerprint("mer_bench", PAN).await.expect("fingerprint");
         kr
     })
@@ -83,7 +93,12 @@ fn bench(c: &mut Criterion) {
                 .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
                 .expect("encrypt");
             cipher
-                .decrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf, Tag::from_slice(&tag))
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&nonce),
+                    aad,
+                    &mut buf,
+                    Tag::from_slice(&tag),
+                )
                 .expect("decrypt");
             let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&mac_key).expect("mac");
             mac.update(&buf);
@@ -93,16 +108,25 @@ fn bench(c: &mut Criterion) {
     group.bench_function("envelope_seal_open_fingerprint", |b| {
         b.to_async(&rt).iter(|| async {
             let owner = KeyOwner::Merchant("mer_bench");
-            let sealed = envelope.seal(owner, Purpose::Pan, "card_1", PAN).await.expect("seal");
+            let sealed = envelope
+                .seal(owner, Purpose::Pan, "card_1", PAN)
+                .await
+                .expect("seal");
             let opened = envelope.open(owner, "card_1", &sealed).await.expect("open");
-            let fp = envelope.fingerprint("mer_bench", &opened).await.expect("fp");
+            let fp = envelope
+                .fingerprint("mer_bench", &opened)
+                .await
+                .expect("fp");
             std::hint::black_box(fp);
         })
     });
     group.bench_function("hsm_seal_open", |b| {
         b.to_async(&rt).iter(|| async {
             let owner = KeyOwner::Merchant("mer_bench");
-            let sealed = hsm.seal(owner, Purpose::Pan, "card_1", PAN).await.expect("seal");
+            let sealed = hsm
+                .seal(owner, Purpose::Pan, "card_1", PAN)
+                .await
+                .expect("seal");
             std::hint::black_box(hsm.open(owner, "card_1", &sealed).await.expect("open"));
         })
     });

@@ -199,10 +199,7 @@ impl Config {
     }
 
     /// Applies `CARDVAULT_*` overrides read through `get`.
-    pub fn apply_env(
-        &mut self,
-        get: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
         where
             T::Err: std::fmt::Display,
@@ -307,9 +304,9 @@ impl Config {
 
     /// The database URL in force.
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("cardvault.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("cardvault.db").display()))
     }
 
     pub fn tls_cert_path(&self) -> PathBuf {
@@ -383,7 +380,10 @@ mod example {
         let text = include_str!("cardvault.example.toml");
         let mut cfg: super::Config = toml::from_str(text).unwrap();
         assert!(!cfg.dev);
-        assert!(cfg.validate().is_err(), "production without certificates is refused");
+        assert!(
+            cfg.validate().is_err(),
+            "production without certificates is refused"
+        );
         cfg.dev = true;
         cfg.validate().unwrap();
         assert_eq!(cfg.crypto.seal_limit, 1 << 32);

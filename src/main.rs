@@ -114,7 +114,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Merchant {
-                command: MerchantCommand::Create { name, reveal, json: _ },
+                command:
+                    MerchantCommand::Create {
+                        name,
+                        reveal,
+                        json: _,
+                    },
             } => {
                 let vault = bootstrap::vault(&cfg).await?;
                 let created = vault
@@ -124,7 +129,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&created)?);
                 Ok(())
             }
-            Command::Hsm { command: HsmCommand::Init } => {
+            Command::Hsm {
+                command: HsmCommand::Init,
+            } => {
                 bootstrap::vault(&cfg).await?;
                 println!("HSM keys ready ({})", cfg.crypto.kek_label);
                 Ok(())

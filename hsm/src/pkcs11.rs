@@ -461,7 +461,10 @@ impl Pkcs11Custodian {
             self.run_gated(f)
         };
         if let Err(e) = &result {
-            if matches!(e.kind(), HsmErrorKind::Unavailable | HsmErrorKind::TokenNotFound) {
+            if matches!(
+                e.kind(),
+                HsmErrorKind::Unavailable | HsmErrorKind::TokenNotFound
+            ) {
                 self.restart_module();
             }
         }
@@ -479,7 +482,10 @@ impl Pkcs11Custodian {
             return;
         }
         {
-            let mut last = self.last_restart.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut last = self
+                .last_restart
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < RESTART_INTERVAL) {
                 return;
             }
@@ -499,8 +505,12 @@ impl Pkcs11Custodian {
             discard(session, slot);
         }
         match context::restart(&self.ctx) {
-            Ok(()) => tracing::info!(token = %self.token_label, "PKCS#11 module restarted to find the token again"),
-            Err(e) => tracing::warn!(token = %self.token_label, error = %e, "PKCS#11 module restart failed"),
+            Ok(()) => {
+                tracing::info!(token = %self.token_label, "PKCS#11 module restarted to find the token again")
+            }
+            Err(e) => {
+                tracing::warn!(token = %self.token_label, error = %e, "PKCS#11 module restart failed")
+            }
         }
     }
 

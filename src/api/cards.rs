@@ -65,7 +65,11 @@ pub struct CardOut {
 impl From<CardView> for CardOut {
     fn from(v: CardView) -> Self {
         let c = v.card;
-        let code = c.brand.parse::<Brand>().unwrap_or(Brand::Unknown).security_code();
+        let code = c
+            .brand
+            .parse::<Brand>()
+            .unwrap_or(Brand::Unknown)
+            .security_code();
         // The first 16 bytes of the keyed fingerprint are plenty to tell
         // cards apart and say nothing about the number.
         let fingerprint = hex::encode(&c.fingerprint[..c.fingerprint.len().min(16)]);
@@ -113,7 +117,11 @@ pub async fn create(
         holder_name: body.holder_name,
     };
     let (view, created) = state.vault.add_card(&ctx, &customer, new).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(CardOut::from(view))).into_response())
 }
 
@@ -138,7 +146,9 @@ pub async fn get(
 ) -> Result<Json<CardOut>, ApiError> {
     path_id("cus", &customer, "customer", "customer")?;
     path_id("card", &card, "card", "card")?;
-    Ok(Json(state.vault.get_card(&ctx, &customer, &card).await?.into()))
+    Ok(Json(
+        state.vault.get_card(&ctx, &customer, &card).await?.into(),
+    ))
 }
 
 pub async fn update(
@@ -167,7 +177,13 @@ pub async fn update(
         exp_year: body.exp_year,
         make_default,
     };
-    Ok(Json(state.vault.update_card(&ctx, &customer, &card, update).await?.into()))
+    Ok(Json(
+        state
+            .vault
+            .update_card(&ctx, &customer, &card, update)
+            .await?
+            .into(),
+    ))
 }
 
 pub async fn delete(
@@ -179,7 +195,9 @@ pub async fn delete(
     path_id("cus", &customer, "customer", "customer")?;
     path_id("card", &card, "card", "card")?;
     state.vault.delete_card(&ctx, &customer, &card).await?;
-    Ok(Json(serde_json::json!({"id": card, "object": "card", "deleted": true})))
+    Ok(Json(
+        serde_json::json!({"id": card, "object": "card", "deleted": true}),
+    ))
 }
 
 #[derive(Serialize)]

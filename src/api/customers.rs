@@ -170,7 +170,9 @@ pub async fn update(
         billing_address: body.billing_address.map(|a| a.map(Into::into)),
         metadata: body.metadata,
     };
-    Ok(Json(state.vault.update_customer(&ctx, &id, update).await?.into()))
+    Ok(Json(
+        state.vault.update_customer(&ctx, &id, update).await?.into(),
+    ))
 }
 
 pub async fn delete(
@@ -181,7 +183,9 @@ pub async fn delete(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     path_id("cus", &id, "customer", "customer")?;
     state.vault.delete_customer(&ctx, &id).await?;
-    Ok(Json(serde_json::json!({"id": id, "object": "customer", "deleted": true})))
+    Ok(Json(
+        serde_json::json!({"id": id, "object": "customer", "deleted": true}),
+    ))
 }
 
 pub async fn list(
@@ -195,10 +199,17 @@ pub async fn list(
     for (k, v) in &query {
         match k.as_str() {
             "limit" => {
-                limit = v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| {
-                    ApiError::invalid("invalid_limit", "limit must be an integer between 1 and 100")
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=100).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "invalid_limit",
+                            "limit must be an integer between 1 and 100",
+                        )
                         .with_param("limit")
-                })?
+                    })?
             }
             "email" => email = Some(v.as_str()),
             "starting_after" => {
@@ -208,7 +219,10 @@ pub async fn list(
             other => {
                 return Err(ApiError::invalid(
                     "parameter_unknown",
-                    format!("unknown query parameter {}", super::error::mask_digits(other)),
+                    format!(
+                        "unknown query parameter {}",
+                        super::error::mask_digits(other)
+                    ),
                 )
                 .with_param(super::error::mask_digits(other)))
             }

@@ -42,7 +42,12 @@ struct Inner<'a> {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             kind,
@@ -58,7 +63,12 @@ impl ApiError {
     }
 
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn not_found(what: &str) -> Self {
@@ -71,12 +81,22 @@ impl ApiError {
     }
 
     pub fn unauthenticated(message: &str) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            message,
+        )
     }
 
     pub fn idempotency(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "idempotency_error", "idempotency_key_in_use", message)
-            .with_param("Idempotency-Key")
+        Self::new(
+            StatusCode::CONFLICT,
+            "idempotency_error",
+            "idempotency_key_in_use",
+            message,
+        )
+        .with_param("Idempotency-Key")
     }
 
     pub fn unavailable() -> Self {
@@ -101,7 +121,11 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::Invalid { param, code, message } => ApiError::invalid(code, message).with_param(param),
+            ServiceError::Invalid {
+                param,
+                code,
+                message,
+            } => ApiError::invalid(code, message).with_param(param),
             ServiceError::NotFound { resource, param } => {
                 let err = ApiError::not_found(resource);
                 match param {
@@ -147,8 +171,10 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
         }
         resp
     }

@@ -84,7 +84,8 @@ fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
             };
             if let Some(field) = between(&msg, "missing field `", "`") {
                 let param = join(field);
-                ApiError::invalid("parameter_missing", format!("{param} is required")).with_param(param)
+                ApiError::invalid("parameter_missing", format!("{param} is required"))
+                    .with_param(param)
             } else if let Some(field) = between(&msg, "unknown field `", "`") {
                 // The path already ends with the unknown key.
                 let param = if base.is_empty() {
@@ -92,13 +93,24 @@ fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
                 } else {
                     base.to_string()
                 };
-                ApiError::invalid("parameter_unknown", format!("unknown field {param}")).with_param(param)
+                ApiError::invalid("parameter_unknown", format!("unknown field {param}"))
+                    .with_param(param)
             } else if let Some(expected) = expected(&msg) {
-                let param = if base.is_empty() { "body".to_string() } else { base.to_string() };
-                ApiError::invalid("invalid_type", format!("{param} must be {expected}")).with_param(param)
+                let param = if base.is_empty() {
+                    "body".to_string()
+                } else {
+                    base.to_string()
+                };
+                ApiError::invalid("invalid_type", format!("{param} must be {expected}"))
+                    .with_param(param)
             } else {
-                let param = if base.is_empty() { "body".to_string() } else { base.to_string() };
-                ApiError::invalid("invalid_value", format!("{param} has an invalid value")).with_param(param)
+                let param = if base.is_empty() {
+                    "body".to_string()
+                } else {
+                    base.to_string()
+                };
+                ApiError::invalid("invalid_value", format!("{param} has an invalid value"))
+                    .with_param(param)
             }
         }
     }
@@ -221,7 +233,8 @@ mod tests {
         let e = parse_json::<Card>(br#"{"number": "x"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("exp_month"));
         assert_eq!(e.code, "parameter_missing");
-        let e = parse_json::<Card>(br#"{"number": "x", "exp_month": 1, "4111111111111111": 1}"#).unwrap_err();
+        let e = parse_json::<Card>(br#"{"number": "x", "exp_month": 1, "4111111111111111": 1}"#)
+            .unwrap_err();
         assert_eq!(e.code, "parameter_unknown");
         assert!(!e.message.contains("4111111111111111"));
         let e = parse_json::<Card>(br#"{"number": "#).unwrap_err();

@@ -35,7 +35,9 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         return next.run(req).await;
     };
     let key = match key.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => k.to_string(),
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            k.to_string()
+        }
         _ => {
             return ApiError::invalid(
                 "invalid_idempotency_key",
@@ -54,7 +56,13 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
-async fn run(state: &AppState, ctx: &Context, key: &str, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn run(
+    state: &AppState,
+    ctx: &Context,
+    key: &str,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let bytes = read_body(body, state.limits.max_body_bytes).await?;
     let vault = &state.vault;
@@ -80,7 +88,11 @@ async fn run(state: &AppState, ctx: &Context, key: &str, req: Request, next: Nex
         .await
         .map_err(|e| ApiError::from(ServiceError::from(e)))?;
     match claim {
-        IdempotencyClaim::Completed { request_hash, status, body } => {
+        IdempotencyClaim::Completed {
+            request_hash,
+            status,
+            body,
+        } => {
             if !bool::from(request_hash.ct_eq(&request_mac)) {
                 return Err(ApiError::idempotency(
                     "this Idempotency-Key was used with a different request",
@@ -123,7 +135,12 @@ async fn run(state: &AppState, ctx: &Context, key: &str, req: Request, next: Nex
 
 /// Stores the outcome, or frees the key when the outcome was a server-side
 /// failure the client should be able to retry.
-async fn finish(state: &AppState, merchant: &str, key: &str, resp: Response) -> Result<Response, ApiError> {
+async fn finish(
+    state: &AppState,
+    merchant: &str,
+    key: &str,
+    resp: Response,
+) -> Result<Response, ApiError> {
     let storage = state.vault.storage();
     let status = resp.status();
     if status.is_server_error() || status == StatusCode::CONFLICT {
@@ -139,7 +156,12 @@ async fn finish(state: &AppState, merchant: &str, key: &str, resp: Response) -> 
     let sealed = state
         .vault
         .keyring()
-        .seal(KeyOwner::Merchant(merchant), Purpose::Volatile, &record_id(key), &bytes)
+        .seal(
+            KeyOwner::Merchant(merchant),
+            Purpose::Volatile,
+            &record_id(key),
+            &bytes,
+        )
         .await;
     let stored = match sealed {
         Ok(sealed) => storage

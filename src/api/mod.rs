@@ -39,7 +39,10 @@ pub struct AppState {
 /// The full application router.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/v1/customers", post(customers::create).get(customers::list))
+        .route(
+            "/v1/customers",
+            post(customers::create).get(customers::list),
+        )
         .route(
             "/v1/customers/{customer}",
             get(customers::get)
@@ -55,7 +58,10 @@ pub fn router(state: AppState) -> Router {
             get(cards::get).patch(cards::update).delete(cards::delete),
         )
         .route("/v1/cards/{card}/reveal", post(cards::reveal))
-        .route_layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
@@ -123,10 +129,8 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(presented) = presented.filter(|p| !p.is_empty()) else {
-        return ApiError::unauthenticated(
-            "missing API key: send Authorization: Bearer sk_…",
-        )
-        .into_response();
+        return ApiError::unauthenticated("missing API key: send Authorization: Bearer sk_…")
+            .into_response();
     };
     let principal = match state.vault.authenticate(presented).await {
         Ok(p) => p,
@@ -144,7 +148,10 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         )
         .into_response();
     }
-    let origin = req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_string());
+    let origin = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| p.0.ip().to_string());
     req.extensions_mut().insert(Context {
         principal,
         origin,

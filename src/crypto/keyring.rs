@@ -196,9 +196,8 @@ impl Keyring {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
         let aad = record::aad(owner.as_str(), record_id, &key.id);
-        let mut out = Vec::with_capacity(
-            record::header_len(&key.id) + NONCE_LEN + plaintext.len() + TAG_LEN,
-        );
+        let mut out =
+            Vec::with_capacity(record::header_len(&key.id) + NONCE_LEN + plaintext.len() + TAG_LEN);
         record::write_header(&mut out, &key.id, &nonce);
         match &key.material {
             Material::Aead(cipher) => {
@@ -280,7 +279,11 @@ impl Keyring {
     /// Keyed fingerprint (HMAC-SHA256) of `data` under the merchant's
     /// fingerprint key: equal inputs give equal fingerprints for one
     /// merchant, and nothing is learnt about the input without the key.
-    pub async fn fingerprint(&self, merchant_id: &str, data: &[u8]) -> Result<[u8; 32], CryptoError> {
+    pub async fn fingerprint(
+        &self,
+        merchant_id: &str,
+        data: &[u8],
+    ) -> Result<[u8; 32], CryptoError> {
         self.mac(KeyOwner::Merchant(merchant_id), Purpose::Fingerprint, data)
             .await
     }
@@ -436,7 +439,10 @@ impl Keyring {
     /// Unwraps (envelope) or references (hsm) a stored key.
     async fn load(&self, rec: &DataKeyRecord) -> Result<Arc<DataKey>, CryptoError> {
         let purpose = purpose_from_str(&rec.purpose).ok_or(CryptoError::KeyNotFound)?;
-        let owner = rec.merchant_id.clone().unwrap_or_else(|| "system".to_string());
+        let owner = rec
+            .merchant_id
+            .clone()
+            .unwrap_or_else(|| "system".to_string());
         let material = match (&rec.wrapped, rec.mode.as_str()) {
             (None, "hsm") => Material::Hsm(rec.wrapping_label.clone()),
             (Some(wrapped), "envelope") => {
@@ -448,9 +454,7 @@ impl Keyring {
                 let ct = ct.to_vec();
                 let label = rec.wrapping_label.clone();
                 let aad = record::wrap_aad(&rec.id, &owner, purpose.as_str());
-                let bytes = self
-                    .hsm(move |c| c.decrypt(&label, &iv, &aad, &ct))
-                    .await?;
+                let bytes = self.hsm(move |c| c.decrypt(&label, &iv, &aad, &ct)).await?;
                 material_from_bytes(purpose, &bytes)?
             }
             _ => return Err(CryptoError::KeyNotFound),
@@ -497,7 +501,11 @@ impl Keyring {
                     .await?;
                 let mut wrapped = iv.to_vec();
                 wrapped.extend_from_slice(&ct);
-                (material_from_bytes(purpose, bytes.as_slice())?, Some(wrapped), label)
+                (
+                    material_from_bytes(purpose, bytes.as_slice())?,
+                    Some(wrapped),
+                    label,
+                )
             }
             CryptoMode::Hsm => {
                 let label = format!("cardvault-{}-{id}", purpose.as_str());
@@ -551,9 +559,14 @@ impl Keyring {
 }
 
 fn purpose_from_str(s: &str) -> Option<Purpose> {
-    [Purpose::Pan, Purpose::Fingerprint, Purpose::Volatile, Purpose::Audit]
-        .into_iter()
-        .find(|p| p.as_str() == s)
+    [
+        Purpose::Pan,
+        Purpose::Fingerprint,
+        Purpose::Volatile,
+        Purpose::Audit,
+    ]
+    .into_iter()
+    .find(|p| p.as_str() == s)
 }
 
 fn material_from_bytes(purpose: Purpose, bytes: &[u8]) -> Result<Material, CryptoError> {

@@ -14,7 +14,9 @@
 mod keyring;
 pub mod record;
 
-pub use keyring::{merchant_key_label, KeyOwner, Keyring, KeyringConfig, Purpose, DEFAULT_SEAL_LIMIT};
+pub use keyring::{
+    merchant_key_label, KeyOwner, Keyring, KeyringConfig, Purpose, DEFAULT_SEAL_LIMIT,
+};
 
 #[cfg(test)]
 mod tests;
@@ -48,7 +50,9 @@ impl std::str::FromStr for CryptoMode {
         match s {
             "envelope" => Ok(CryptoMode::Envelope),
             "hsm" => Ok(CryptoMode::Hsm),
-            other => Err(format!("crypto mode must be envelope or hsm, not {other:?}")),
+            other => Err(format!(
+                "crypto mode must be envelope or hsm, not {other:?}"
+            )),
         }
     }
 }

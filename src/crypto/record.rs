@@ -69,8 +69,9 @@ fn push_lp(out: &mut Vec<u8>, field: &[u8]) {
 
 /// The associated data binding a record to merchant, record id and key id.
 pub fn aad(merchant_id: &str, record_id: &str, dek_id: &str) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(AAD_DOMAIN.len() + 6 + merchant_id.len() + record_id.len() + dek_id.len());
+    let mut out = Vec::with_capacity(
+        AAD_DOMAIN.len() + 6 + merchant_id.len() + record_id.len() + dek_id.len(),
+    );
     out.extend_from_slice(AAD_DOMAIN);
     push_lp(&mut out, merchant_id.as_bytes());
     push_lp(&mut out, record_id.as_bytes());
@@ -121,7 +122,11 @@ impl std::fmt::Debug for Aad {
 
 /// [`aad`] on the stack (heap only when the fields are unusually long).
 pub fn aad_buf(merchant_id: &str, record_id: &str, dek_id: &str) -> Aad {
-    let fields = [merchant_id.as_bytes(), record_id.as_bytes(), dek_id.as_bytes()];
+    let fields = [
+        merchant_id.as_bytes(),
+        record_id.as_bytes(),
+        dek_id.as_bytes(),
+    ];
     let total = AAD_DOMAIN.len() + fields.iter().map(|f| 2 + f.len()).sum::<usize>();
     if total > AAD_INLINE {
         return Aad(AadRepr::Heap(aad(merchant_id, record_id, dek_id)));

@@ -21,7 +21,10 @@ pub(crate) struct MemKeyStore {
 #[async_trait]
 impl KeyStore for MemKeyStore {
     async fn insert_data_key(&self, key: &DataKeyRecord) -> StorageResult<()> {
-        self.keys.lock().unwrap().insert(key.id.clone(), key.clone());
+        self.keys
+            .lock()
+            .unwrap()
+            .insert(key.id.clone(), key.clone());
         Ok(())
     }
     async fn get_data_key(&self, id: &str) -> StorageResult<Option<DataKeyRecord>> {
@@ -38,7 +41,9 @@ impl KeyStore for MemKeyStore {
             .unwrap()
             .values()
             .filter(|k| {
-                k.merchant_id.as_deref() == merchant_id && k.purpose == purpose && k.retired_at.is_none()
+                k.merchant_id.as_deref() == merchant_id
+                    && k.purpose == purpose
+                    && k.retired_at.is_none()
             })
             .max_by_key(|k| k.version)
             .cloned())
@@ -150,8 +155,15 @@ const M: KeyOwner<'static> = KeyOwner::Merchant("mer_a");
 async fn round_trip_and_tamper_detection_in_both_modes() {
     for mode in [CryptoMode::Envelope, CryptoMode::Hsm] {
         let f = fixture(mode, DEFAULT_SEAL_LIMIT_FOR_TESTS);
-        let sealed = f.keyring.seal(M, Purpose::Pan, "card_1", PAN).await.unwrap();
-        assert!(!sealed.windows(PAN.len()).any(|w| w == PAN), "{mode:?}: plaintext visible");
+        let sealed = f
+            .keyring
+            .seal(M, Purpose::Pan, "card_1", PAN)
+            .await
+            .unwrap();
+        assert!(
+            !sealed.windows(PAN.len()).any(|w| w == PAN),
+            "{mode:?}: plaintext visible"
+        );
         let opened = f.keyring.open(M, "card_1", &sealed).await.unwrap();
         assert_eq!(opened.as_slice(), PAN, "{mode:?}");
 
@@ -167,7 +179,11 @@ async fn round_trip_and_tamper_detection_in_both_modes() {
             }
         }
         // Truncated or extended records fail.
-        assert!(f.keyring.open(M, "card_1", &sealed[..sealed.len() - 1]).await.is_err());
+        assert!(f
+            .keyring
+            .open(M, "card_1", &sealed[..sealed.len() - 1])
+            .await
+            .is_err());
         let mut longer = sealed.clone();
         longer.push(0);
         assert!(f.keyring.open(M, "card_1", &longer).await.is_err());
@@ -183,7 +199,11 @@ async fn round_trip_and_tamper_detection_in_both_modes() {
         let parts = record::parse(&sealed).unwrap();
         let own_key = parts.dek_id.to_string();
         let other_key = {
-            let _ = f.keyring.seal(other, Purpose::Pan, "x", b"1").await.unwrap();
+            let _ = f
+                .keyring
+                .seal(other, Purpose::Pan, "x", b"1")
+                .await
+                .unwrap();
             f.store
                 .current_data_key(Some("mer_b"), "pan")
                 .await
@@ -196,7 +216,11 @@ async fn round_trip_and_tamper_detection_in_both_modes() {
         relabelled[at..at + own_key.len()].copy_from_slice(other_key.as_bytes());
         assert!(f.keyring.open(M, "card_1", &relabelled).await.is_err());
         // Same merchant, a second key version: opening with the wrong key id fails.
-        let v2 = f.keyring.seal(M, Purpose::Volatile, "card_1", PAN).await.unwrap();
+        let v2 = f
+            .keyring
+            .seal(M, Purpose::Volatile, "card_1", PAN)
+            .await
+            .unwrap();
         let v2_key = record::parse(&v2).unwrap().dek_id.to_string();
         let mut swapped = sealed.clone();
         swapped[at..at + own_key.len()].copy_from_slice(v2_key.as_bytes());
@@ -212,7 +236,11 @@ async fn a_million_seals_never_repeat_a_nonce() {
     let mut nonces = HashSet::with_capacity(1_000_000);
     let mut key_id = None;
     for _ in 0..1_000_000u32 {
-        let sealed = f.keyring.seal(M, Purpose::Pan, "card_1", PAN).await.unwrap();
+        let sealed = f
+            .keyring
+            .seal(M, Purpose::Pan, "card_1", PAN)
+            .await
+            .unwrap();
         let parts = record::parse(&sealed).unwrap();
         match &key_id {
             None => key_id = Some(parts.dek_id.to_string()),
@@ -227,7 +255,11 @@ async fn a_million_seals_never_repeat_a_nonce() {
 async fn envelope_mode_makes_no_hsm_call_per_operation() {
     let f = fixture(CryptoMode::Envelope, DEFAULT_SEAL_LIMIT_FOR_TESTS);
     // Warm up: creating the keys needs the HSM.
-    let sealed = f.keyring.seal(M, Purpose::Pan, "card_1", PAN).await.unwrap();
+    let sealed = f
+        .keyring
+        .seal(M, Purpose::Pan, "card_1", PAN)
+        .await
+        .unwrap();
     f.keyring.fingerprint("mer_a", PAN).await.unwrap();
     assert!(f.counter.calls.load(Ordering::SeqCst) > 0);
     f.counter.calls.store(0, Ordering::SeqCst);
@@ -244,11 +276,19 @@ async fn envelope_mode_makes_no_hsm_call_per_operation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hsm_mode_makes_one_hsm_call_per_operation() {
     let f = fixture(CryptoMode::Hsm, DEFAULT_SEAL_LIMIT_FOR_TESTS);
-    let sealed = f.keyring.seal(M, Purpose::Pan, "card_1", PAN).await.unwrap();
+    let sealed = f
+        .keyring
+        .seal(M, Purpose::Pan, "card_1", PAN)
+        .await
+        .unwrap();
     f.keyring.fingerprint("mer_a", PAN).await.unwrap();
     for _ in 0..10 {
         f.counter.calls.store(0, Ordering::SeqCst);
-        let s = f.keyring.seal(M, Purpose::Pan, "card_2", PAN).await.unwrap();
+        let s = f
+            .keyring
+            .seal(M, Purpose::Pan, "card_2", PAN)
+            .await
+            .unwrap();
         assert_eq!(f.counter.calls.load(Ordering::SeqCst), 1, "seal");
         f.counter.calls.store(0, Ordering::SeqCst);
         f.keyring.open(M, "card_2", &s).await.unwrap();
@@ -257,7 +297,14 @@ async fn hsm_mode_makes_one_hsm_call_per_operation() {
         f.keyring.fingerprint("mer_a", PAN).await.unwrap();
         assert_eq!(f.counter.calls.load(Ordering::SeqCst), 1, "fingerprint");
     }
-    assert_eq!(f.keyring.open(M, "card_1", &sealed).await.unwrap().as_slice(), PAN);
+    assert_eq!(
+        f.keyring
+            .open(M, "card_1", &sealed)
+            .await
+            .unwrap()
+            .as_slice(),
+        PAN
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +313,11 @@ async fn fingerprints_are_keyed_per_merchant() {
     let a1 = f.keyring.fingerprint("mer_a", PAN).await.unwrap();
     let a2 = f.keyring.fingerprint("mer_a", PAN).await.unwrap();
     let b = f.keyring.fingerprint("mer_b", PAN).await.unwrap();
-    let other = f.keyring.fingerprint("mer_a", b"4242424242424242").await.unwrap();
+    let other = f
+        .keyring
+        .fingerprint("mer_a", b"4242424242424242")
+        .await
+        .unwrap();
     assert_eq!(a1, a2);
     assert_ne!(a1, b, "fingerprints must not link merchants");
     assert_ne!(a1, other);
@@ -281,7 +332,11 @@ async fn seal_limit_is_enforced_by_rotating_to_a_new_key() {
     let mut ids = Vec::new();
     let mut sealed = Vec::new();
     for i in 0..7 {
-        let s = f.keyring.seal(M, Purpose::Pan, &format!("c{i}"), PAN).await.unwrap();
+        let s = f
+            .keyring
+            .seal(M, Purpose::Pan, &format!("c{i}"), PAN)
+            .await
+            .unwrap();
         ids.push(record::parse(&s).unwrap().dek_id.to_string());
         sealed.push(s);
     }
@@ -292,9 +347,21 @@ async fn seal_limit_is_enforced_by_rotating_to_a_new_key() {
     assert_ne!(ids[5], ids[6]);
     // Old records still open.
     for (i, s) in sealed.iter().enumerate() {
-        assert_eq!(f.keyring.open(M, &format!("c{i}"), s).await.unwrap().as_slice(), PAN);
+        assert_eq!(
+            f.keyring
+                .open(M, &format!("c{i}"), s)
+                .await
+                .unwrap()
+                .as_slice(),
+            PAN
+        );
     }
-    let current = f.store.current_data_key(Some("mer_a"), "pan").await.unwrap().unwrap();
+    let current = f
+        .store
+        .current_data_key(Some("mer_a"), "pan")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(current.version, 3);
 }
 
@@ -303,14 +370,26 @@ async fn a_restarted_keyring_never_reuses_seal_budget() {
     let f = fixture(CryptoMode::Envelope, DEFAULT_SEAL_LIMIT_FOR_TESTS);
     let s = f.keyring.seal(M, Purpose::Pan, "c", PAN).await.unwrap();
     let id = record::parse(&s).unwrap().dek_id.to_string();
-    let reserved = f.store.get_data_key(&id).await.unwrap().unwrap().seals_reserved;
+    let reserved = f
+        .store
+        .get_data_key(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .seals_reserved;
     assert!(reserved >= 1);
     // A new keyring (a restart) over the same store and HSM counts from the
     // reserved total and reserves further ahead before sealing again.
     let again = Keyring::new(f.counter.clone(), f.store.clone(), KeyringConfig::default());
     let s2 = again.seal(M, Purpose::Pan, "c2", PAN).await.unwrap();
     assert_eq!(record::parse(&s2).unwrap().dek_id, id);
-    let reserved2 = f.store.get_data_key(&id).await.unwrap().unwrap().seals_reserved;
+    let reserved2 = f
+        .store
+        .get_data_key(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .seals_reserved;
     assert!(reserved2 > reserved);
     // And it opens what the first one sealed.
     assert_eq!(again.open(M, "c", &s).await.unwrap().as_slice(), PAN);

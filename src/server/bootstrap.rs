@@ -30,7 +30,8 @@ pub fn prepare_process(cfg: &Config) -> anyhow::Result<()> {
     if dev_token(cfg) {
         let dir = dev_hsm_dir(cfg);
         create_private_dir(&dir)?;
-        let conf = softhsm::write_config(&dir).with_context(|| format!("write SoftHSM config in {}", dir.display()))?;
+        let conf = softhsm::write_config(&dir)
+            .with_context(|| format!("write SoftHSM config in {}", dir.display()))?;
         std::env::set_var("SOFTHSM2_CONF", conf);
     }
     Ok(())
@@ -59,8 +60,9 @@ fn dev_pin(path: &Path) -> anyhow::Result<Pin> {
 pub fn pkcs11_config(cfg: &Config) -> anyhow::Result<Pkcs11Config> {
     let module = match &cfg.hsm.module {
         Some(m) => m.clone(),
-        None if cfg.dev => softhsm::default_module_path()
-            .context("SoftHSM is not installed: run `apt-get install softhsm2` (or set hsm.module)")?,
+        None if cfg.dev => softhsm::default_module_path().context(
+            "SoftHSM is not installed: run `apt-get install softhsm2` (or set hsm.module)",
+        )?,
         None => bail!("hsm.module is not set"),
     };
     let user_pin = if let Ok(pin) = std::env::var("CARDVAULT_HSM_PIN") {

@@ -127,28 +127,29 @@ impl Application {
                 io.set_write_timeout(idle);
                 let io = TokioIo::new(Box::pin(io));
                 let request_timeout = Duration::from_secs(limits.request_timeout_secs);
-                let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                    req.extensions_mut().insert(PeerAddr(peer));
-                    let router = router.clone();
-                    async move {
-                        let resp = tokio::time::timeout(
-                            request_timeout,
-                            router.oneshot(req.map(axum::body::Body::new)),
-                        )
-                        .await;
-                        match resp {
-                            Ok(r) => r,
-                            Err(_) => Ok(axum::response::IntoResponse::into_response(
-                                api::ApiError::new(
-                                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                                    "api_error",
-                                    "timeout",
-                                    "the request took too long; retry",
-                                ),
-                            )),
+                let service =
+                    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                        req.extensions_mut().insert(PeerAddr(peer));
+                        let router = router.clone();
+                        async move {
+                            let resp = tokio::time::timeout(
+                                request_timeout,
+                                router.oneshot(req.map(axum::body::Body::new)),
+                            )
+                            .await;
+                            match resp {
+                                Ok(r) => r,
+                                Err(_) => Ok(axum::response::IntoResponse::into_response(
+                                    api::ApiError::new(
+                                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                        "api_error",
+                                        "timeout",
+                                        "the request took too long; retry",
+                                    ),
+                                )),
+                            }
                         }
-                    }
-                });
+                    });
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
@@ -171,7 +172,10 @@ impl Application {
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
         let grace = Duration::from_secs(limits.shutdown_grace_secs);
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over; closing remaining connections");
         }
         Ok(())

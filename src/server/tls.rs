@@ -23,7 +23,9 @@ pub fn ensure_dev_certificate(cert_path: &Path, key_path: &Path) -> anyhow::Resu
     if cert_path.exists() && key_path.exists() {
         return Ok(());
     }
-    let dir = cert_path.parent().context("certificate path has no directory")?;
+    let dir = cert_path
+        .parent()
+        .context("certificate path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut params = rcgen::CertificateParams::new(vec![
         "localhost".to_string(),
@@ -36,7 +38,8 @@ pub fn ensure_dev_certificate(cert_path: &Path, key_path: &Path) -> anyhow::Resu
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.self_signed(&key)?;
     write_private(key_path, key.serialize_pem().as_bytes())?;
-    std::fs::write(cert_path, cert.pem()).with_context(|| format!("write {}", cert_path.display()))?;
+    std::fs::write(cert_path, cert.pem())
+        .with_context(|| format!("write {}", cert_path.display()))?;
     Ok(())
 }
 
@@ -56,7 +59,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("read certificate {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("read certificate {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parse certificate {}", path.display()))?;
@@ -67,7 +71,8 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("read private key {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("read private key {}", path.display()))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("parse private key {}", path.display()))?
         .with_context(|| format!("no private key in {}", path.display()))

@@ -62,7 +62,10 @@ fn alias(value: Option<String>) -> ServiceResult<Option<String>> {
             "parameter_too_long",
             "alias must have at most 50 characters",
         )),
-        Some(v) if v.chars().filter(char::is_ascii_digit).count() > 4 || v.chars().any(char::is_control) => {
+        Some(v)
+            if v.chars().filter(char::is_ascii_digit).count() > 4
+                || v.chars().any(char::is_control) =>
+        {
             Err(ServiceError::invalid(
                 "alias",
                 "invalid_alias",
@@ -134,7 +137,8 @@ impl Vault {
                 pan.digits().as_bytes(),
             )
             .await?;
-        let parts = crate::crypto::record::parse(&sealed).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let parts = crate::crypto::record::parse(&sealed)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let dek_id = parts.dek_id.to_string();
         let brand = pan.brand();
         let card = CardRecord {
@@ -173,12 +177,22 @@ impl Vault {
     }
 
     /// A card of this customer (another customer's or merchant's is 404).
-    pub async fn get_card(&self, ctx: &Context, customer_id: &str, card_id: &str) -> ServiceResult<CardView> {
+    pub async fn get_card(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+        card_id: &str,
+    ) -> ServiceResult<CardView> {
         let card = self.own_card(ctx, customer_id, card_id).await?;
         self.card_view(ctx, card).await
     }
 
-    async fn own_card(&self, ctx: &Context, customer_id: &str, card_id: &str) -> ServiceResult<CardRecord> {
+    async fn own_card(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+        card_id: &str,
+    ) -> ServiceResult<CardRecord> {
         self.storage
             .get_card(ctx.merchant_id(), card_id)
             .await?
@@ -186,13 +200,20 @@ impl Vault {
             .ok_or_else(|| ServiceError::not_found("card", "card"))
     }
 
-    pub async fn list_cards(&self, ctx: &Context, customer_id: &str) -> ServiceResult<Vec<CardView>> {
+    pub async fn list_cards(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+    ) -> ServiceResult<Vec<CardView>> {
         let customer = self
             .storage
             .get_customer(ctx.merchant_id(), customer_id)
             .await?
             .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
-        let cards = self.storage.list_cards(ctx.merchant_id(), customer_id).await?;
+        let cards = self
+            .storage
+            .list_cards(ctx.merchant_id(), customer_id)
+            .await?;
         Ok(cards
             .into_iter()
             .map(|card| {
@@ -224,18 +245,31 @@ impl Vault {
         if let Some(v) = update.holder_name.take() {
             update.holder_name = Some(holder(v)?);
         }
-        let card = match self.storage.update_card(ctx.merchant_id(), card_id, &update).await {
+        let card = match self
+            .storage
+            .update_card(ctx.merchant_id(), card_id, &update)
+            .await
+        {
             Err(StorageError::NotFound) => return Err(ServiceError::not_found("card", "card")),
             other => other?,
         };
         self.card_view(ctx, card).await
     }
 
-    pub async fn delete_card(&self, ctx: &Context, customer_id: &str, card_id: &str) -> ServiceResult<()> {
+    pub async fn delete_card(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+        card_id: &str,
+    ) -> ServiceResult<()> {
         let card = self.own_card(ctx, customer_id, card_id).await?;
         let mut audit = ctx.audit("card.delete", Some(card_id), "success");
         audit.detail = Some(format!("last4={}", card.last4));
-        match self.storage.delete_card(ctx.merchant_id(), card_id, &audit).await {
+        match self
+            .storage
+            .delete_card(ctx.merchant_id(), card_id, &audit)
+            .await
+        {
             Err(StorageError::NotFound) => Err(ServiceError::not_found("card", "card")),
             other => Ok(other?),
         }
@@ -258,7 +292,11 @@ impl Vault {
             .ok_or_else(|| ServiceError::not_found("card", "card"))?;
         let opened = self
             .keyring
-            .open(KeyOwner::Merchant(ctx.merchant_id()), &card.id, &card.pan_ciphertext)
+            .open(
+                KeyOwner::Merchant(ctx.merchant_id()),
+                &card.id,
+                &card.pan_ciphertext,
+            )
             .await;
         let plain = match opened {
             Ok(p) => p,
@@ -272,7 +310,8 @@ impl Vault {
             }
         };
         let number = Zeroizing::new(
-            String::from_utf8(plain.to_vec()).map_err(|_| ServiceError::Internal("sealed card is not UTF-8".into()))?,
+            String::from_utf8(plain.to_vec())
+                .map_err(|_| ServiceError::Internal("sealed card is not UTF-8".into()))?,
         );
         let mut entry = ctx.audit("card.reveal", Some(card_id), "success");
         entry.detail = Some(format!("last4={}", card.last4));

@@ -63,7 +63,11 @@ fn text(param: &str, value: Option<String>, max: usize) -> ServiceResult<Option<
 pub(crate) fn validate_email(email: &str) -> ServiceResult<String> {
     let email = email.trim();
     if email.is_empty() {
-        return Err(ServiceError::invalid("email", "parameter_missing", "email is required"));
+        return Err(ServiceError::invalid(
+            "email",
+            "parameter_missing",
+            "email is required",
+        ));
     }
     if email.len() > 254 {
         return Err(too_long("email", 254));
@@ -116,10 +120,19 @@ fn validate_phone(phone: Option<String>) -> ServiceResult<Option<String>> {
 
 fn validate_document(doc: Option<Document>) -> ServiceResult<Option<Document>> {
     let Some(doc) = doc else { return Ok(None) };
-    let doc_type = text("document.type", Some(doc.doc_type), 20)?
-        .ok_or_else(|| ServiceError::invalid("document.type", "parameter_missing", "document.type is required"))?;
+    let doc_type = text("document.type", Some(doc.doc_type), 20)?.ok_or_else(|| {
+        ServiceError::invalid(
+            "document.type",
+            "parameter_missing",
+            "document.type is required",
+        )
+    })?;
     let number = text("document.number", Some(doc.number), 40)?.ok_or_else(|| {
-        ServiceError::invalid("document.number", "parameter_missing", "document.number is required")
+        ServiceError::invalid(
+            "document.number",
+            "parameter_missing",
+            "document.number is required",
+        )
     })?;
     Ok(Some(Document { doc_type, number }))
 }
@@ -175,7 +188,11 @@ fn validate_metadata(meta: Option<Metadata>) -> ServiceResult<Metadata> {
 }
 
 impl Vault {
-    pub async fn create_customer(&self, ctx: &Context, new: NewCustomer) -> ServiceResult<CustomerRecord> {
+    pub async fn create_customer(
+        &self,
+        ctx: &Context,
+        new: NewCustomer,
+    ) -> ServiceResult<CustomerRecord> {
         let rec = CustomerRecord {
             id: new_id("cus"),
             merchant_id: ctx.merchant_id().to_string(),
@@ -229,7 +246,11 @@ impl Vault {
         if let Some(v) = update.metadata.take() {
             update.metadata = Some(validate_metadata(Some(v))?);
         }
-        match self.storage.update_customer(ctx.merchant_id(), id, &update).await {
+        match self
+            .storage
+            .update_customer(ctx.merchant_id(), id, &update)
+            .await
+        {
             Err(StorageError::NotFound) => Err(ServiceError::not_found("customer", "id")),
             other => Ok(other?),
         }
@@ -269,10 +290,17 @@ impl Vault {
         }
         match self
             .storage
-            .list_customers(ctx.merchant_id(), email.map(str::trim), limit, starting_after)
+            .list_customers(
+                ctx.merchant_id(),
+                email.map(str::trim),
+                limit,
+                starting_after,
+            )
             .await
         {
-            Err(StorageError::NotFound) => Err(ServiceError::not_found("customer", "starting_after")),
+            Err(StorageError::NotFound) => {
+                Err(ServiceError::not_found("customer", "starting_after"))
+            }
             other => Ok(other?),
         }
     }

@@ -144,7 +144,10 @@ impl Vault {
     /// Readiness: the database and the HSM both answer.
     pub async fn readiness(&self) -> (Result<(), String>, Result<(), String>) {
         let (db, hsm) = tokio::join!(self.storage.health(), self.keyring.hsm_health());
-        (db.map_err(|e| e.to_string()), hsm.map_err(|e| e.to_string()))
+        (
+            db.map_err(|e| e.to_string()),
+            hsm.map_err(|e| e.to_string()),
+        )
     }
 }
 

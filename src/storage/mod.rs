@@ -259,8 +259,11 @@ pub trait MerchantStore: Send + Sync {
 #[async_trait]
 pub trait CustomerStore: Send + Sync {
     async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()>;
-    async fn get_customer(&self, merchant_id: &str, id: &str)
-        -> StorageResult<Option<CustomerRecord>>;
+    async fn get_customer(
+        &self,
+        merchant_id: &str,
+        id: &str,
+    ) -> StorageResult<Option<CustomerRecord>>;
     /// Applies the update; `NotFound` when the customer is not the merchant's.
     async fn update_customer(
         &self,
@@ -306,10 +309,14 @@ pub trait CardStore: Send + Sync {
     /// customer must exist for that merchant (`NotFound` otherwise).
     async fn insert_card(&self, card: &CardRecord, audit: &AuditEntry)
         -> StorageResult<CardInsert>;
-    async fn get_card(&self, merchant_id: &str, card_id: &str) -> StorageResult<Option<CardRecord>>;
+    async fn get_card(&self, merchant_id: &str, card_id: &str)
+        -> StorageResult<Option<CardRecord>>;
     /// Cards of a customer, oldest first.
-    async fn list_cards(&self, merchant_id: &str, customer_id: &str)
-        -> StorageResult<Vec<CardRecord>>;
+    async fn list_cards(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<CardRecord>>;
     async fn update_card(
         &self,
         merchant_id: &str,
@@ -318,8 +325,12 @@ pub trait CardStore: Send + Sync {
     ) -> StorageResult<CardRecord>;
     /// Deletes the card and its ciphertext; when it was the default, the
     /// customer's newest remaining card becomes the default.
-    async fn delete_card(&self, merchant_id: &str, card_id: &str, audit: &AuditEntry)
-        -> StorageResult<()>;
+    async fn delete_card(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+        audit: &AuditEntry,
+    ) -> StorageResult<()>;
 }
 
 #[async_trait]
@@ -376,11 +387,18 @@ pub trait Storage:
 }
 
 /// Opens the storage named by `url` (`sqlite://path` or `postgres://…`).
-pub async fn connect(url: &str, max_connections: u32) -> StorageResult<std::sync::Arc<dyn Storage>> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+) -> StorageResult<std::sync::Arc<dyn Storage>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(std::sync::Arc::new(PgStorage::connect(url, max_connections).await?))
+        Ok(std::sync::Arc::new(
+            PgStorage::connect(url, max_connections).await?,
+        ))
     } else if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(SqliteStorage::connect(url, max_connections).await?))
+        Ok(std::sync::Arc::new(
+            SqliteStorage::connect(url, max_connections).await?,
+        ))
     } else {
         Err(StorageError::Other(
             "database_url must start with sqlite: or postgres://".to_string(),

@@ -86,14 +86,26 @@ async fn customers_crud_and_paging(backend: Backend, mode: CryptoMode) {
     assert_eq!(seen.len(), 251);
     let unique: std::collections::HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), 251, "no customer twice across pages");
-    assert_eq!(seen.last().unwrap(), &id, "newest first: the first customer comes last");
+    assert_eq!(
+        seen.last().unwrap(),
+        &id,
+        "newest first: the first customer comes last"
+    );
 
-    let (s, page) = app.get("/v1/customers?email=shared@example.com&limit=100", &m.sk).await;
+    let (s, page) = app
+        .get("/v1/customers?email=shared@example.com&limit=100", &m.sk)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(page["data"].as_array().unwrap().len(), 50);
-    assert!(page["data"].as_array().unwrap().iter().all(|c| c["email"] == "shared@example.com"));
+    assert!(page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["email"] == "shared@example.com"));
     assert_eq!(page["has_more"], json!(false));
-    let (_, page) = app.get("/v1/customers?email=SHARED@example.com&limit=10", &m.sk).await;
+    let (_, page) = app
+        .get("/v1/customers?email=SHARED@example.com&limit=10", &m.sk)
+        .await;
     assert_eq!(page["data"].as_array().unwrap().len(), 10);
     assert_eq!(page["has_more"], json!(true));
 
@@ -130,7 +142,10 @@ async fn cards_lifecycle(backend: Backend, mode: CryptoMode) {
     assert_eq!(card["exp_month"], 12);
     assert_eq!(card["exp_year"], 2031);
     assert_eq!(card["holder_name"], "Ana Silva");
-    assert_eq!(card["security_code"], json!({"length": 3, "location": "back"}));
+    assert_eq!(
+        card["security_code"],
+        json!({"length": 3, "location": "back"})
+    );
     assert_eq!(card["status"], "active");
     assert_eq!(card["default"], json!(true), "first card is the default");
     assert!(card["fingerprint"].as_str().unwrap().len() >= 16);
@@ -139,18 +154,29 @@ async fn cards_lifecycle(backend: Backend, mode: CryptoMode) {
 
     // The same PAN again: the existing card, 200.
     let (s, again) = app
-        .post(&path, &m.sk, json!({"number": VISA, "exp_month": 1, "exp_year": 2032}))
+        .post(
+            &path,
+            &m.sk,
+            json!({"number": VISA, "exp_month": 1, "exp_year": 2032}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{again}");
     assert_eq!(again["id"], card_id.as_str());
 
     let (s, amex) = app
-        .post(&path, &m.sk, json!({"number": AMEX, "exp_month": 3, "exp_year": 2030}))
+        .post(
+            &path,
+            &m.sk,
+            json!({"number": AMEX, "exp_month": 3, "exp_year": 2030}),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(amex["brand"], "amex");
     assert_eq!(amex["bin"], "378282", "15-digit PAN: 6-digit BIN");
-    assert_eq!(amex["security_code"], json!({"length": 4, "location": "front"}));
+    assert_eq!(
+        amex["security_code"],
+        json!({"length": 4, "location": "front"})
+    );
     assert_eq!(amex["default"], json!(false));
     let amex_id = amex["id"].as_str().unwrap().to_string();
 
@@ -182,12 +208,16 @@ async fn cards_lifecycle(backend: Backend, mode: CryptoMode) {
     assert_eq!(cust["default_card"], amex_id.as_str());
 
     // Reveal.
-    let (s, rev) = app.post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({})).await;
+    let (s, rev) = app
+        .post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{rev}");
     assert_eq!(rev["number"], VISA);
     assert_eq!(rev["exp_month"], 12);
     assert_eq!(rev["exp_year"], 2031);
-    let (s, rev) = app.post(&format!("/v1/cards/{amex_id}/reveal"), &m.sk, json!({})).await;
+    let (s, rev) = app
+        .post(&format!("/v1/cards/{amex_id}/reveal"), &m.sk, json!({}))
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(rev["number"], AMEX);
 
@@ -205,18 +235,36 @@ async fn cards_lifecycle(backend: Backend, mode: CryptoMode) {
     assert!(events.contains(&"card.create"));
     assert!(events.contains(&"card.reveal"));
     assert!(events.contains(&"card.delete"));
-    let reveal = rows.iter().find(|r| r.entry.event == "card.reveal").unwrap();
+    let reveal = rows
+        .iter()
+        .find(|r| r.entry.event == "card.reveal")
+        .unwrap();
     assert_eq!(reveal.entry.outcome, "success");
     assert_eq!(reveal.entry.merchant_id.as_deref(), Some(m.id.as_str()));
     assert!(reveal.entry.actor.starts_with("key_"));
     assert_eq!(reveal.entry.origin.as_deref(), Some("127.0.0.1"));
-    assert!(reveal.entry.request_id.as_deref().unwrap().starts_with("req_"));
-    assert!(reveal.entry.detail.as_deref().unwrap().contains("last4=1111"));
+    assert!(reveal
+        .entry
+        .request_id
+        .as_deref()
+        .unwrap()
+        .starts_with("req_"));
+    assert!(reveal
+        .entry
+        .detail
+        .as_deref()
+        .unwrap()
+        .contains("last4=1111"));
 
     // Deleting the customer deletes its cards and their ciphertext.
     let (s, _) = app.delete(&format!("/v1/customers/{cus}"), &m.sk).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(app.storage().get_card(&m.id, &card_id).await.unwrap().is_none());
+    assert!(app
+        .storage()
+        .get_card(&m.id, &card_id)
+        .await
+        .unwrap()
+        .is_none());
     let rows = app.storage().list_audit(0, 1000).await.unwrap();
     assert!(rows.iter().any(|r| r.entry.event == "customer.delete"));
     app.stop().await;
@@ -230,12 +278,19 @@ async fn reveal_needs_scope_and_keys_are_checked(backend: Backend, mode: CryptoM
     let card = app.card(&m.sk, &cus, MASTERCARD).await;
     let card_id = card["id"].as_str().unwrap();
 
-    let (s, e) = app.post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({})).await;
+    let (s, e) = app
+        .post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({}))
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(e["error"]["type"], "permission_error");
-    assert!(e["error"]["request_id"].as_str().unwrap().starts_with("req_"));
+    assert!(e["error"]["request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("req_"));
     let rows = app.storage().list_audit(0, 1000).await.unwrap();
-    assert!(rows.iter().any(|r| r.entry.event == "card.reveal" && r.entry.outcome == "denied"));
+    assert!(rows
+        .iter()
+        .any(|r| r.entry.event == "card.reveal" && r.entry.outcome == "denied"));
 
     // Missing, malformed, unknown and publishable keys.
     let (s, e, _) = app.call(Method::GET, "/v1/customers", None, None).await;
@@ -320,10 +375,21 @@ matrix!(idempotency_keys);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_and_tls_versions() {
     let app = TestApp::spawn(Backend::Sqlite, CryptoMode::Envelope).await;
-    let r = app.client.get(format!("{}/healthz", app.base)).send().await.unwrap();
-    assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 negotiated by ALPN");
+    let r = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_2,
+        "h2 negotiated by ALPN"
+    );
     let cert = std::fs::read(app.data.path().join("tls/cert.pem")).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", app.base.rsplit(':').next().unwrap()).parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", app.base.rsplit(':').next().unwrap())
+        .parse()
+        .unwrap();
     for (tls12, h1) in [(true, true), (false, true), (true, false)] {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
@@ -338,7 +404,13 @@ async fn alpn_and_tls_versions() {
         if h1 {
             b = b.http1_only();
         }
-        let r = b.build().unwrap().get(format!("{}/healthz", app.base)).send().await.unwrap();
+        let r = b
+            .build()
+            .unwrap()
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         if h1 {
             assert_eq!(r.version(), reqwest::Version::HTTP_11);

@@ -6,7 +6,7 @@
 pub mod support;
 
 mod endpoints;
-mod process;
 mod isolation;
 mod leaks;
+mod process;
 mod validation;

@@ -63,19 +63,32 @@ fn start(dir: &Path, db_url: &str, mode: CryptoMode, run: usize) -> Server {
         Ok(p) => p,
         Err(_) => {
             let _ = child.kill();
-            panic!("server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
     };
     Server { child, port, log }
 }
 
 fn client(dir: &Path, port: u16) -> reqwest::Client {
-    let cert = std::fs::read(dir.join("data/tls/cert.pem")).expect("dev certificate written under data/tls");
+    let cert = std::fs::read(dir.join("data/tls/cert.pem"))
+        .expect("dev certificate written under data/tls");
     client_for(&cert, ([127, 0, 0, 1], port).into())
 }
 
-async fn send(c: &reqwest::Client, port: u16, method: reqwest::Method, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = c.request(method, format!("https://localhost:{port}{path}")).bearer_auth(key);
+async fn send(
+    c: &reqwest::Client,
+    port: u16,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = c
+        .request(method, format!("https://localhost:{port}{path}"))
+        .bearer_auth(key);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -95,7 +108,18 @@ fn luhn_pan(prefix: &str, n: u64) -> String {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 0 { let x = d * 2; if x > 9 { x - 9 } else { x } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
         .sum();
     format!("{body}{}", (10 - sum % 10) % 10)
 }
@@ -105,18 +129,40 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     let db_url = db_url_for(backend, &dir.path().join("data")).await;
     // The CLI creates the merchant (and with it the data dir, token, keys).
     let out = command(dir.path(), &db_url, mode)
-        .args(["merchant", "create", "--name", "Crash Test", "--reveal", "--json"])
+        .args([
+            "merchant",
+            "create",
+            "--name",
+            "Crash Test",
+            "--reveal",
+            "--json",
+        ])
         .output()
         .expect("merchant create");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let created: Value = serde_json::from_slice(&out.stdout).expect("merchant JSON");
     let sk = created["secret_key"].as_str().unwrap().to_string();
     assert!(created["merchant_id"].as_str().unwrap().starts_with("mer_"));
-    assert!(created["publishable_key"].as_str().unwrap().starts_with("pk_"));
+    assert!(created["publishable_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("pk_"));
 
     let mut server = start(dir.path(), &db_url, mode, 1);
     let c = client(dir.path(), server.port);
-    let (s, cus) = send(&c, server.port, reqwest::Method::POST, "/v1/customers", &sk, Some(json!({"email": "crash@example.com"}))).await;
+    let (s, cus) = send(
+        &c,
+        server.port,
+        reqwest::Method::POST,
+        "/v1/customers",
+        &sk,
+        Some(json!({"email": "crash@example.com"})),
+    )
+    .await;
     assert_eq!(s, 201, "{cus}");
     let cus = cus["id"].as_str().unwrap().to_string();
 
@@ -125,12 +171,25 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let mut writers = Vec::new();
     for w in 0..4u64 {
-        let (c, sk, cus, tx, port) = (c.clone(), sk.clone(), cus.clone(), ack_tx.clone(), server.port);
+        let (c, sk, cus, tx, port) = (
+            c.clone(),
+            sk.clone(),
+            cus.clone(),
+            ack_tx.clone(),
+            server.port,
+        );
         writers.push(tokio::spawn(async move {
             for i in 0..10_000u64 {
                 let pan = luhn_pan("4000", 7_000_000_000 + w * 100_000 + i);
-                let (s, card) = send(&c, port, reqwest::Method::POST, &format!("/v1/customers/{cus}/cards"), &sk,
-                    Some(json!({"number": pan, "exp_month": 12, "exp_year": 2031}))).await;
+                let (s, card) = send(
+                    &c,
+                    port,
+                    reqwest::Method::POST,
+                    &format!("/v1/customers/{cus}/cards"),
+                    &sk,
+                    Some(json!({"number": pan, "exp_month": 12, "exp_year": 2031})),
+                )
+                .await;
                 if s == 0 {
                     break;
                 }
@@ -143,7 +202,12 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     drop(ack_tx);
     let mut acked = Vec::new();
     while acked.len() < 40 {
-        let Some(a) = tokio::time::timeout(Duration::from_secs(60), ack_rx.recv()).await.expect("cards acknowledged") else { break };
+        let Some(a) = tokio::time::timeout(Duration::from_secs(60), ack_rx.recv())
+            .await
+            .expect("cards acknowledged")
+        else {
+            break;
+        };
         acked.push(a);
     }
     server.child.kill().expect("SIGKILL");
@@ -160,7 +224,15 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     let mut server = start(dir.path(), &db_url, mode, 2);
     let c = client(dir.path(), server.port);
     for (card, pan) in &acked {
-        let (s, v) = send(&c, server.port, reqwest::Method::POST, &format!("/v1/cards/{card}/reveal"), &sk, None).await;
+        let (s, v) = send(
+            &c,
+            server.port,
+            reqwest::Method::POST,
+            &format!("/v1/cards/{card}/reveal"),
+            &sk,
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "acknowledged card {card} lost after SIGKILL: {v}");
         assert_eq!(v["number"].as_str(), Some(pan.as_str()));
     }
@@ -185,19 +257,38 @@ matrix!(sigkill_after_acknowledged_writes);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_with_no_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("data/cardvault.db").display());
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("data/cardvault.db").display()
+    );
     let mut server = start(dir.path(), &db, CryptoMode::Envelope, 1);
-    for f in ["data/tls/cert.pem", "data/tls/key.pem", "data/cardvault.db", "data/hsm/softhsm2.conf", "data/hsm/user.pin"] {
+    for f in [
+        "data/tls/cert.pem",
+        "data/tls/key.pem",
+        "data/cardvault.db",
+        "data/hsm/softhsm2.conf",
+        "data/hsm/user.pin",
+    ] {
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("data/tls/key.pem")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("data/tls/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "private key readable by others");
     let c = client(dir.path(), server.port);
-    let r = c.get(format!("https://localhost:{}/readyz", server.port)).send().await.unwrap();
+    let r = c
+        .get(format!("https://localhost:{}/readyz", server.port))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Plain HTTP on the same port gets no HTTP answer.
-    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{}/healthz", server.port)).send().await;
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", server.port))
+        .send()
+        .await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
     let _ = server.child.kill();
     let _ = server.child.wait();
@@ -209,19 +300,28 @@ fn insecure_settings_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cardvault.toml");
     std::fs::write(&cfg, "dev = true\n[tls]\nmin_version = \"1.0\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&cfg).arg("serve").current_dir(dir.path()).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("min_version"));
     // Outside dev mode the development certificate is refused.
     let tls = dir.path().join("tls");
     std::fs::create_dir_all(&tls).unwrap();
-    cardvault::server::tls::ensure_dev_certificate(&tls.join("cert.pem"), &tls.join("key.pem")).unwrap();
+    cardvault::server::tls::ensure_dev_certificate(&tls.join("cert.pem"), &tls.join("key.pem"))
+        .unwrap();
     let prod = format!(
         "dev = false\ndata_dir = \"{d}\"\n[tls]\ncert = \"{d}/tls/cert.pem\"\nkey = \"{d}/tls/key.pem\"\n[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\n",
         d = dir.path().display()
     );
     let c: cardvault::config::Config = toml::from_str(&prod).unwrap();
-    let err = cardvault::server::tls::server_config(&c).unwrap_err().to_string();
+    let err = cardvault::server::tls::server_config(&c)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("development certificate"), "{err}");
 }
 
@@ -230,7 +330,11 @@ fn merchant_via_cli(dir: &Path, db_url: &str, mode: CryptoMode, name: &str) -> S
         .args(["merchant", "create", "--name", name, "--reveal", "--json"])
         .output()
         .expect("merchant create");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("merchant JSON");
     v["secret_key"].as_str().unwrap().to_string()
 }
@@ -238,13 +342,20 @@ fn merchant_via_cli(dir: &Path, db_url: &str, mode: CryptoMode, name: &str) -> S
 /// The token's directory under the dev data dir (SoftHSM keeps one per token).
 fn token_dir(dir: &Path) -> std::path::PathBuf {
     let tokens = dir.join("data/hsm/tokens");
-    let mut entries: Vec<_> = std::fs::read_dir(&tokens).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(entries.len(), 1, "one dev token");
     entries.remove(0)
 }
 
 async fn readyz(c: &reqwest::Client, port: u16) -> (u16, Value) {
-    let r = c.get(format!("https://localhost:{port}/readyz")).send().await.unwrap();
+    let r = c
+        .get(format!("https://localhost:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
@@ -260,15 +371,38 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
     let port = server.port;
     let c = client(dir.path(), port);
     let post = reqwest::Method::POST;
-    let (_, cus_a) = send(&c, port, post.clone(), "/v1/customers", &sk_a, Some(json!({"email": "a@example.com"}))).await;
+    let (_, cus_a) = send(
+        &c,
+        port,
+        post.clone(),
+        "/v1/customers",
+        &sk_a,
+        Some(json!({"email": "a@example.com"})),
+    )
+    .await;
     let cus_a = cus_a["id"].as_str().unwrap().to_string();
-    let (_, cus_b) = send(&c, port, post.clone(), "/v1/customers", &sk_b, Some(json!({"email": "b@example.com"}))).await;
+    let (_, cus_b) = send(
+        &c,
+        port,
+        post.clone(),
+        "/v1/customers",
+        &sk_b,
+        Some(json!({"email": "b@example.com"})),
+    )
+    .await;
     let cus_b = cus_b["id"].as_str().unwrap().to_string();
     let add = |sk: String, cus: String, pan: String| {
         let c = c.clone();
         async move {
-            send(&c, port, reqwest::Method::POST, &format!("/v1/customers/{cus}/cards"), &sk,
-                Some(json!({"number": pan, "exp_month": 12, "exp_year": 2031}))).await
+            send(
+                &c,
+                port,
+                reqwest::Method::POST,
+                &format!("/v1/customers/{cus}/cards"),
+                &sk,
+                Some(json!({"number": pan, "exp_month": 12, "exp_year": 2031})),
+            )
+            .await
         }
     };
     let (s, card) = add(sk_a.clone(), cus_a.clone(), luhn_pan("4000", 8_100_000_001)).await;
@@ -276,7 +410,17 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
     let card = card["id"].as_str().unwrap().to_string();
     let reveal = |sk: String, card: String| {
         let c = c.clone();
-        async move { send(&c, port, reqwest::Method::POST, &format!("/v1/cards/{card}/reveal"), &sk, None).await }
+        async move {
+            send(
+                &c,
+                port,
+                reqwest::Method::POST,
+                &format!("/v1/cards/{card}/reveal"),
+                &sk,
+                None,
+            )
+            .await
+        }
     };
     assert_eq!(reveal(sk_a.clone(), card.clone()).await.0, 200);
 
@@ -289,7 +433,10 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
     assert_eq!(s, 503, "{r}");
     assert_eq!(r["hsm"], "down");
     let (s, e) = add(sk_b.clone(), cus_b.clone(), luhn_pan("4000", 8_100_000_002)).await;
-    assert_eq!(s, 503, "a merchant whose keys are not loaded cannot add a card: {e}");
+    assert_eq!(
+        s, 503,
+        "a merchant whose keys are not loaded cannot add a card: {e}"
+    );
     assert_eq!(e["error"]["code"], "service_unavailable");
     match mode {
         CryptoMode::Envelope => {
@@ -297,7 +444,10 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
             assert_eq!(s, 201, "cached keys keep serving: {v}");
             let (s, v) = reveal(sk_a.clone(), card.clone()).await;
             assert_eq!(s, 200, "{v}");
-            assert_eq!(v["number"].as_str().unwrap(), luhn_pan("4000", 8_100_000_001));
+            assert_eq!(
+                v["number"].as_str().unwrap(),
+                luhn_pan("4000", 8_100_000_001)
+            );
         }
         CryptoMode::Hsm => {
             let (s, v) = add(sk_a.clone(), cus_a.clone(), luhn_pan("4000", 8_100_000_003)).await;
@@ -307,7 +457,15 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
         }
     }
     // Nothing was written by the failed attempts.
-    let (_, list_b) = send(&c, port, reqwest::Method::GET, &format!("/v1/customers/{cus_b}/cards"), &sk_b, None).await;
+    let (_, list_b) = send(
+        &c,
+        port,
+        reqwest::Method::GET,
+        &format!("/v1/customers/{cus_b}/cards"),
+        &sk_b,
+        None,
+    )
+    .await;
     assert_eq!(list_b["data"].as_array().unwrap().len(), 0);
 
     // The HSM comes back: everything works again without a restart.
@@ -320,7 +478,11 @@ async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(ready, "vault did not recover: {}", std::fs::read_to_string(&server.log).unwrap_or_default());
+    assert!(
+        ready,
+        "vault did not recover: {}",
+        std::fs::read_to_string(&server.log).unwrap_or_default()
+    );
     let (s, v) = add(sk_b.clone(), cus_b.clone(), luhn_pan("4000", 8_100_000_002)).await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = reveal(sk_a.clone(), card.clone()).await;
@@ -337,7 +499,10 @@ matrix!(hsm_outage_and_recovery);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("data/cardvault.db").display());
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("data/cardvault.db").display()
+    );
     let sk = merchant_via_cli(dir.path(), &db, CryptoMode::Envelope, "Term");
     let mut server = start(dir.path(), &db, CryptoMode::Envelope, 1);
     let c = client(dir.path(), server.port);
@@ -348,12 +513,24 @@ async fn sigterm_finishes_in_flight_requests() {
     for i in 0..20 {
         let (c, sk) = (c.clone(), sk.clone());
         tasks.push(tokio::spawn(async move {
-            send(&c, port, reqwest::Method::POST, "/v1/customers", &sk, Some(json!({"email": format!("t{i}@example.com")}))).await
+            send(
+                &c,
+                port,
+                reqwest::Method::POST,
+                "/v1/customers",
+                &sk,
+                Some(json!({"email": format!("t{i}@example.com")})),
+            )
+            .await
         }));
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     for t in tasks {
         let (s, v) = t.await.unwrap();
         assert!(s == 201 || s == 0, "a request cut short: {s} {v}");

@@ -73,7 +73,11 @@ pub async fn fresh_pg_database() -> String {
         .execute(&mut conn)
         .await
         .expect("create database");
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin).to_string();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&admin)
+        .to_string();
     format!("{base}/{name}")
 }
 
@@ -137,10 +141,11 @@ impl TestApp {
         let cfg = test_config(data.path(), &db_url, mode);
         let p11 = cardvault::testkit::fresh_token_config();
         let token_label = p11.token_label.clone();
-        let custodian = tokio::task::spawn_blocking(move || cardvault_hsm::Pkcs11Custodian::connect(p11))
-            .await
-            .expect("join")
-            .expect("connect token");
+        let custodian =
+            tokio::task::spawn_blocking(move || cardvault_hsm::Pkcs11Custodian::connect(p11))
+                .await
+                .expect("join")
+                .expect("connect token");
         let storage = bootstrap::storage(&cfg).await.expect("storage");
         let vault = bootstrap::vault_with(&cfg, storage, Arc::new(custodian))
             .await
@@ -194,7 +199,9 @@ impl TestApp {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
-        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -230,7 +237,9 @@ impl TestApp {
     }
 
     pub async fn customer(&self, key: &str, email: &str) -> String {
-        let (s, v) = self.post("/v1/customers", key, serde_json::json!({"email": email})).await;
+        let (s, v) = self
+            .post("/v1/customers", key, serde_json::json!({"email": email}))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["id"].as_str().expect("id").to_string()
     }
