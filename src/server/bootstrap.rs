@@ -142,5 +142,7 @@ pub async fn vault_with(
         .ensure_kek()
         .await
         .map_err(|e| anyhow::anyhow!("create or find the KEK: {e}"))?;
-    Ok(Vault::new(storage, keyring))
+    let processor = crate::processor::from_config(&cfg.payments)
+        .map_err(|e| anyhow::anyhow!("processor: {e}"))?;
+    Ok(Vault::new(storage, keyring).with_payments(cfg.payments.clone(), processor))
 }

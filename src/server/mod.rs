@@ -5,6 +5,7 @@
 
 pub mod bootstrap;
 pub mod tls;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -83,8 +84,9 @@ impl Application {
             acceptor,
             router,
             limits,
-            vault: _,
+            vault,
         } = self;
+        let workers = workers::Workers::start(vault);
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tokio::pin!(shutdown);
@@ -178,6 +180,7 @@ impl Application {
         {
             tracing::warn!("grace period over; closing remaining connections");
         }
+        workers.stop();
         Ok(())
     }
 }

@@ -11,11 +11,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 mod common;
+pub mod payments;
+mod payments_sql;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 
+pub use payments::*;
 pub use postgres::PgStorage;
 pub use sqlite::SqliteStorage;
 
@@ -376,7 +379,17 @@ pub trait AuditStore: Send + Sync {
 /// Everything the service layer needs from a database.
 #[async_trait]
 pub trait Storage:
-    MerchantStore + CustomerStore + CardStore + KeyStore + IdempotencyStore + AuditStore
+    MerchantStore
+    + CustomerStore
+    + CardStore
+    + KeyStore
+    + IdempotencyStore
+    + AuditStore
+    + TokenStore
+    + ChargeStore
+    + VerificationStore
+    + EventStore
+    + WebhookStore
 {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;

@@ -55,7 +55,7 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
     })
 }
 
-fn db_err(err: sqlx::Error) -> StorageError {
+pub(super) fn db_err(err: sqlx::Error) -> StorageError {
     common::map_err(err, is_transient)
 }
 
@@ -85,7 +85,7 @@ impl PgStorage {
     }
 }
 
-async fn insert_audit(ex: impl PgExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
+pub(super) async fn insert_audit(ex: impl PgExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
     sqlx::query(
         "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
          request_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",

@@ -51,7 +51,7 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
         .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13 | 14 | 15))
 }
 
-fn db_err(err: sqlx::Error) -> StorageError {
+pub(super) fn db_err(err: sqlx::Error) -> StorageError {
     common::map_err(err, is_transient)
 }
 
@@ -92,7 +92,7 @@ impl SqliteStorage {
     }
 }
 
-async fn insert_audit(ex: impl SqliteExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
+pub(super) async fn insert_audit(ex: impl SqliteExecutor<'_>, e: &AuditEntry) -> StorageResult<()> {
     sqlx::query(
         "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
          request_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

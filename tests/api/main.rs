@@ -5,6 +5,7 @@
 
 pub mod support;
 
+mod charges;
 mod endpoints;
 mod isolation;
 mod leaks;

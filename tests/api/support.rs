@@ -135,10 +135,20 @@ pub async fn db_url_for(backend: Backend, data: &std::path::Path) -> String {
 
 impl TestApp {
     pub async fn spawn(backend: Backend, mode: CryptoMode) -> TestApp {
+        Self::spawn_with(backend, mode, |_| {}).await
+    }
+
+    /// Like [`TestApp::spawn`], with the configuration adjusted by `tweak`.
+    pub async fn spawn_with(
+        backend: Backend,
+        mode: CryptoMode,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
         init_logging();
         let data = tempfile::tempdir().expect("tempdir");
         let db_url = db_url_for(backend, data.path()).await;
-        let cfg = test_config(data.path(), &db_url, mode);
+        let mut cfg = test_config(data.path(), &db_url, mode);
+        tweak(&mut cfg);
         let p11 = cardvault::testkit::fresh_token_config();
         let token_label = p11.token_label.clone();
         let custodian =
