@@ -11,3 +11,4 @@ mod isolation;
 mod leaks;
 mod process;
 mod validation;
+mod webhooks;
