@@ -7,6 +7,7 @@ pub mod support;
 
 mod charges;
 mod endpoints;
+mod http_processor;
 mod isolation;
 mod leaks;
 mod process;
