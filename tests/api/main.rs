@@ -10,6 +10,7 @@ mod endpoints;
 mod http_processor;
 mod isolation;
 mod leaks;
+mod payment_leaks;
 mod process;
 mod validation;
 mod webhooks;
