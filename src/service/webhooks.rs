@@ -22,6 +22,10 @@ use crate::storage::{DeliveryAttempt, DueDelivery, WebhookEndpointRecord};
 
 /// Event types an endpoint may subscribe to (or `*`).
 pub const EVENT_TYPES: &[&str] = &[
+    "customer.created",
+    "customer.deleted",
+    "card.created",
+    "card.deleted",
     "charge.succeeded",
     "charge.failed",
     "charge.pending",

@@ -310,13 +310,63 @@ impl TryFrom<DueRow> for DueDelivery {
     }
 }
 
+/// Events of the customer and card lifecycle, written by the customer and
+/// card stores in the transaction of the change. Their data is a minimal,
+/// non-sensitive view (ids, last4, brand, expiry), never a PAN.
+pub(super) mod lifecycle {
+    use serde_json::json;
+
+    use crate::domain::new_id;
+    use crate::storage::{CardRecord, CustomerRecord, EventRecord};
+
+    fn event(merchant_id: &str, event_type: &str, data: serde_json::Value, at: i64) -> EventRecord {
+        EventRecord {
+            id: new_id("evt"),
+            merchant_id: merchant_id.to_string(),
+            event_type: event_type.to_string(),
+            data: data.to_string(),
+            created_at: at,
+        }
+    }
+
+    pub fn customer_created(c: &CustomerRecord, at: i64) -> EventRecord {
+        let data =
+            json!({"id": c.id, "object": "customer", "email": c.email, "created": c.created_at});
+        event(&c.merchant_id, "customer.created", data, at)
+    }
+
+    pub fn customer_deleted(merchant_id: &str, id: &str, at: i64) -> EventRecord {
+        let data = json!({"id": id, "object": "customer", "deleted": true});
+        event(merchant_id, "customer.deleted", data, at)
+    }
+
+    fn card_data(c: &CardRecord) -> serde_json::Value {
+        json!({
+            "id": c.id, "object": "card", "customer": c.customer_id, "last4": c.last4,
+            "brand": c.brand, "exp_month": c.exp_month, "exp_year": c.exp_year,
+            "status": c.status, "created": c.created_at,
+        })
+    }
+
+    pub fn card_created(c: &CardRecord, at: i64) -> EventRecord {
+        event(&c.merchant_id, "card.created", card_data(c), at)
+    }
+
+    pub fn card_deleted(c: &CardRecord, at: i64) -> EventRecord {
+        let mut data = card_data(c);
+        data["deleted"] = json!(true);
+        event(&c.merchant_id, "card.deleted", data, at)
+    }
+}
+
 /// Implements the payment stores for one backend. `$q` adapts placeholders,
 /// `$begin` starts a write transaction, `$err` classifies errors and
 /// `$audit` appends an audit entry inside a transaction.
 macro_rules! impl_payment_stores {
     ($storage:ty, $q:path, $begin:path, $err:path, $audit:path) => {
         impl $storage {
-            async fn insert_events<'c>(
+            /// Appends events (and their webhook deliveries) inside `tx`.
+            pub(super) async fn insert_events<'c>(
                 tx: &mut sqlx::Transaction<'c, <Self as BackendDb>::Db>,
                 events: &[EventRecord],
             ) -> StorageResult<()> {
@@ -913,7 +963,7 @@ macro_rules! impl_payment_stores {
 }
 
 /// The sqlx database of a storage type (lets the macro name transaction types).
-trait BackendDb {
+pub(super) trait BackendDb {
     type Db: sqlx::Database;
 }
 

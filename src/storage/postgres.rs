@@ -22,6 +22,7 @@ use super::common::{
     ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
     MerchantRow,
 };
+use super::payments_sql::lifecycle;
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
     CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
@@ -304,6 +305,7 @@ impl CustomerStore for PgStorage {
         .await
         .map_err(db_err)?;
         insert_audit(&mut *tx, audit).await?;
+        PgStorage::insert_events(&mut tx, &[lifecycle::customer_created(c, audit.at)]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -383,9 +385,12 @@ impl CustomerStore for PgStorage {
             .await
             .map_err(db_err)?;
         insert_audit(&mut *tx, audit).await?;
+        let mut events = vec![lifecycle::customer_deleted(merchant_id, id, audit.at)];
         for card in cards.into_iter().map(CardRecord::from) {
             insert_audit(&mut *tx, &card_audit(&card)).await?;
+            events.push(lifecycle::card_deleted(&card, audit.at));
         }
+        PgStorage::insert_events(&mut tx, &events).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -505,6 +510,7 @@ impl CardStore for PgStorage {
             .await?;
         }
         insert_audit(&mut *tx, audit).await?;
+        PgStorage::insert_events(&mut tx, &[lifecycle::card_created(card, audit.at)]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(CardInsert::Created { default })
     }
@@ -616,6 +622,7 @@ impl CardStore for PgStorage {
             set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
         }
         insert_audit(&mut *tx, audit).await?;
+        PgStorage::insert_events(&mut tx, &[lifecycle::card_deleted(&card, audit.at)]).await?;
         tx.commit().await.map_err(db_err)
     }
 }

@@ -811,3 +811,51 @@ async fn sealed_amount(app: &TestApp, merchant: &str, vid: &str) -> i64 {
     assert!((1..=99).contains(&amount));
     amount
 }
+
+/// Customer and card changes write their events in the same transaction.
+async fn lifecycle_events(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn(backend, mode).await;
+    let m = app.merchant(false).await;
+    let (cus, card) = customer_with_card(&app, &m.sk, APPROVED).await;
+    let card2 = app.card(&m.sk, &cus, MASTERCARD).await;
+    let (s, _) = app
+        .delete(&format!("/v1/customers/{cus}/cards/{card}"), &m.sk)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = app.delete(&format!("/v1/customers/{cus}"), &m.sk).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, events) = app.get("/v1/events?limit=100", &m.sk).await;
+    assert_eq!(s, StatusCode::OK, "{events}");
+    let got: Vec<(String, String)> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["data"]["object"]["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let card2 = card2["id"].as_str().unwrap().to_string();
+    let want = vec![
+        ("card.deleted".to_string(), card2.clone()),
+        ("customer.deleted".to_string(), cus.clone()),
+        ("card.deleted".to_string(), card.clone()),
+        ("card.created".to_string(), card2),
+        ("card.created".to_string(), card),
+        ("customer.created".to_string(), cus),
+    ];
+    assert_eq!(got, want, "newest first");
+    assert!(!events.to_string().contains(APPROVED));
+    let first = events["data"][5]["id"].as_str().unwrap();
+    let (s, one) = app.get(&format!("/v1/events/{first}"), &m.sk).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one["type"], "customer.created");
+    let other = app.merchant(false).await;
+    let (s, _) = app.get(&format!("/v1/events/{first}"), &other.sk).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, none) = app.get("/v1/events", &other.sk).await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
+}
+matrix!(lifecycle_events);
