@@ -418,6 +418,33 @@ impl Vault {
             .map_err(|e| self.state_conflict(e))
     }
 
+    /// Takes the charge for one processor call: bumps its version (and, for
+    /// an authorization, marks it `processing`) before the processor is
+    /// called, so that of two concurrent captures, refunds, cancels or
+    /// confirms only one reaches the processor; the other gets a 409.
+    async fn claim_charge(
+        &self,
+        ctx: &Context,
+        charge: &mut ChargeRecord,
+        event: &str,
+        processing: bool,
+    ) -> ServiceResult<()> {
+        let expected = charge.version;
+        let mut claimed = charge.clone();
+        claimed.version += 1;
+        claimed.updated_at = now();
+        if processing {
+            claimed.status = STATUS_PROCESSING.to_string();
+        }
+        let audit = ctx.audit(event, Some(&charge.id), "attempt");
+        self.storage
+            .update_charge(&claimed, expected, None, &[], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))?;
+        *charge = claimed;
+        Ok(())
+    }
+
     fn state_conflict(&self, e: StorageError) -> ServiceError {
         match e {
             StorageError::Conflict(_) => ServiceError::invalid_state(
@@ -477,6 +504,8 @@ impl Vault {
                 ServiceError::invalid_state("card_deleted", "the charge's card was deleted")
             })?;
         let contents = self.cvc_token_for(ctx, token, &card).await?;
+        self.claim_charge(ctx, &mut charge, "charge.confirm", true)
+            .await?;
         let cvc = contents.cvc.as_ref().map(|c| c.as_str());
         self.authorize_charge(ctx, &mut charge, &card, cvc).await?;
         drop(contents);
@@ -515,6 +544,8 @@ impl Vault {
             ));
         }
         let money = charge_money(&charge, amount)?;
+        self.claim_charge(ctx, &mut charge, "charge.capture", false)
+            .await?;
         let reference = charge.processor_ref.clone().unwrap_or_default();
         self.processor
             .capture(&reference, money)
@@ -572,6 +603,8 @@ impl Vault {
             ));
         }
         let money = charge_money(&charge, amount)?;
+        self.claim_charge(ctx, &mut charge, "charge.refund", false)
+            .await?;
         let reference = charge.processor_ref.clone().unwrap_or_default();
         self.processor
             .refund(&reference, money)
@@ -610,6 +643,10 @@ impl Vault {
             ));
         }
         let awaiting_cvc = charge.status == STATUS_PENDING && charge.next_action.is_some();
+        if charge.status == STATUS_SUCCEEDED || awaiting_cvc {
+            self.claim_charge(ctx, &mut charge, "charge.cancel", false)
+                .await?;
+        }
         if charge.status == STATUS_SUCCEEDED {
             let reference = charge.processor_ref.clone().unwrap_or_default();
             self.processor

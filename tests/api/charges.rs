@@ -859,3 +859,47 @@ async fn lifecycle_events(backend: Backend, mode: CryptoMode) {
     assert_eq!(none["data"].as_array().unwrap().len(), 0);
 }
 matrix!(lifecycle_events);
+
+/// Concurrent refunds (or captures) of one charge: exactly one applies; the
+/// others get a 409, never a second refund.
+async fn concurrent_changes_apply_once(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn(backend, mode).await;
+    let m = app.merchant(false).await;
+    let (cus, _) = customer_with_card(&app, &m.sk, APPROVED).await;
+    let (_, ch) = charge(
+        &app,
+        &m.sk,
+        json!({"amount": 1000, "currency": "usd", "customer": cus, "capture": false}),
+    )
+    .await;
+    let id = ch["id"].as_str().unwrap().to_string();
+    let capture_path = format!("/v1/charges/{id}/capture");
+    let refund_path = format!("/v1/charges/{id}/refunds");
+    let captures =
+        futures_util::future::join_all((0..6).map(|_| app.post(&capture_path, &m.sk, json!({}))))
+            .await;
+    let ok = captures
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .count();
+    assert_eq!(ok, 1, "{captures:?}");
+    assert!(captures
+        .iter()
+        .all(|(s, _)| *s == StatusCode::OK || *s == StatusCode::CONFLICT));
+    let refunds = futures_util::future::join_all(
+        (0..6).map(|_| app.post(&refund_path, &m.sk, json!({"amount": 1000}))),
+    )
+    .await;
+    let ok = refunds
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    assert_eq!(ok, 1, "{refunds:?}");
+    assert!(refunds
+        .iter()
+        .all(|(s, _)| *s == StatusCode::CREATED || *s == StatusCode::CONFLICT));
+    let (_, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+    assert_eq!(got["amount_refunded"], 1000);
+    assert_eq!(got["refunds"]["data"].as_array().unwrap().len(), 1);
+}
+matrix!(concurrent_changes_apply_once);
