@@ -81,6 +81,23 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<AppState> for Ma
     }
 }
 
+/// Runs a use case that calls the processor on its own task, so that a
+/// client hanging up (or the request timeout) cannot cancel it between the
+/// processor's answer and the write that records it.
+pub(crate) async fn detached<T, F>(fut: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
+{
+    match tokio::spawn(fut).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "processor task failed");
+            Err(ApiError::internal())
+        }
+    }
+}
+
 /// Pagination and filters of a list route.
 pub(crate) struct ListParams {
     pub limit: u32,
@@ -170,7 +187,8 @@ pub async fn create(
                 .collect()
         }),
     };
-    let charge = state.vault.create_charge(&ctx, new).await?;
+    let vault = state.vault.clone();
+    let charge = detached(async move { vault.create_charge(&ctx, new).await }).await?;
     Ok((StatusCode::CREATED, Json(charge_object(&charge))).into_response())
 }
 
@@ -224,7 +242,9 @@ pub async fn confirm(
     JsonBody(body): JsonBody<Confirm>,
 ) -> Result<Json<Value>, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
-    let charge = state.vault.confirm_charge(&ctx, &id, &body.token).await?;
+    let vault = state.vault.clone();
+    let charge =
+        detached(async move { vault.confirm_charge(&ctx, &id, &body.token).await }).await?;
     Ok(Json(charge_object(&charge)))
 }
 
@@ -236,7 +256,8 @@ pub async fn capture(
 ) -> Result<Json<Value>, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
     let amount = body.and_then(|b| b.amount);
-    let charge = state.vault.capture_charge(&ctx, &id, amount).await?;
+    let vault = state.vault.clone();
+    let charge = detached(async move { vault.capture_charge(&ctx, &id, amount).await }).await?;
     Ok(Json(charge_object(&charge)))
 }
 
@@ -248,7 +269,8 @@ pub async fn refund(
 ) -> Result<Response, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
     let amount = body.and_then(|b| b.amount);
-    let (_, refund) = state.vault.refund_charge(&ctx, &id, amount).await?;
+    let vault = state.vault.clone();
+    let (_, refund) = detached(async move { vault.refund_charge(&ctx, &id, amount).await }).await?;
     Ok((StatusCode::CREATED, Json(refund_object(&refund))).into_response())
 }
 
@@ -259,6 +281,7 @@ pub async fn cancel(
     _body: EmptyBody,
 ) -> Result<Json<Value>, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
-    let charge = state.vault.cancel_charge(&ctx, &id).await?;
+    let vault = state.vault.clone();
+    let charge = detached(async move { vault.cancel_charge(&ctx, &id).await }).await?;
     Ok(Json(charge_object(&charge)))
 }

@@ -35,17 +35,20 @@ pub async fn start_verification(
 ) -> Result<Response, ApiError> {
     path_id("cus", &customer, "customer", "customer")?;
     path_id("card", &card, "card", "card")?;
-    let v = state
-        .vault
-        .start_verification(
-            &ctx,
-            &customer,
-            &card,
-            &body.method,
-            body.currency.as_deref(),
-            body.token.as_deref(),
-        )
-        .await?;
+    let vault = state.vault.clone();
+    let v = super::charges::detached(async move {
+        vault
+            .start_verification(
+                &ctx,
+                &customer,
+                &card,
+                &body.method,
+                body.currency.as_deref(),
+                body.token.as_deref(),
+            )
+            .await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(verification_object(&v))).into_response())
 }
 
