@@ -38,6 +38,8 @@ pub const EVENT_TYPES: &[&str] = &[
 
 /// Deliveries handled per round of the worker.
 const BATCH: u32 = 50;
+/// Deliveries in flight at once within a round.
+const CONCURRENCY: usize = 16;
 
 /// The public JSON of an endpoint (with the secret only when given).
 pub fn endpoint_object(e: &WebhookEndpointRecord, secret: Option<&str>) -> Value {
@@ -188,12 +190,19 @@ impl Vault {
 
     /// One round of the delivery worker: sends every due delivery once.
     pub async fn deliver_due_webhooks(&self) -> ServiceResult<usize> {
+        use futures_util::StreamExt;
         let due = self.storage.due_deliveries(now_ms(), BATCH).await?;
         let n = due.len();
-        for d in due {
-            let attempt = self.deliver(&d).await;
-            self.storage.record_delivery(&attempt).await?;
-        }
+        // Concurrently, so one slow endpoint does not hold up the others.
+        let results: Vec<ServiceResult<()>> = futures_util::stream::iter(due)
+            .map(|d| async move {
+                let attempt = self.deliver(&d).await;
+                Ok(self.storage.record_delivery(&attempt).await?)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<ServiceResult<Vec<()>>>()?;
         Ok(n)
     }
 
