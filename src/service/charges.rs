@@ -268,6 +268,9 @@ impl Vault {
                 "this merchant requires verified cards; verify the card first",
             ));
         }
+        // Opened before anything is written or spent: an HSM outage fails
+        // the request cleanly (503) instead of leaving a charge behind.
+        let pan = self.open_card(ctx, &card).await?;
         // Everything is validated: only now is a token spent.
         let token = match &new.token {
             Some(t) => Some(self.cvc_token_for(ctx, t, &card).await?),
@@ -305,7 +308,7 @@ impl Vault {
         ));
         self.storage.insert_charge(&charge, &[], &audit).await?;
         let cvc = token.as_ref().and_then(|t| t.cvc.as_ref());
-        self.authorize_charge(ctx, &mut charge, &card, cvc.map(|c| c.as_str()))
+        self.authorize_charge(ctx, &mut charge, &card, pan, cvc.map(|c| c.as_str()))
             .await?;
         Ok(charge)
     }
@@ -335,9 +338,9 @@ impl Vault {
         ctx: &Context,
         charge: &mut ChargeRecord,
         card: &CardRecord,
+        pan: Pan,
         cvc: Option<&str>,
     ) -> ServiceResult<()> {
-        let pan = self.open_card(ctx, card).await?;
         let amount = charge_money(charge, charge.amount)?;
         let result = self
             .processor
@@ -503,11 +506,13 @@ impl Vault {
             .ok_or_else(|| {
                 ServiceError::invalid_state("card_deleted", "the charge's card was deleted")
             })?;
+        let pan = self.open_card(ctx, &card).await?;
         let contents = self.cvc_token_for(ctx, token, &card).await?;
         self.claim_charge(ctx, &mut charge, "charge.confirm", true)
             .await?;
         let cvc = contents.cvc.as_ref().map(|c| c.as_str());
-        self.authorize_charge(ctx, &mut charge, &card, cvc).await?;
+        self.authorize_charge(ctx, &mut charge, &card, pan, cvc)
+            .await?;
         drop(contents);
         Ok(charge)
     }

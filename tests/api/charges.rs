@@ -663,6 +663,31 @@ async fn micro_charge_verification(backend: Backend, mode: CryptoMode) {
     // the only other way there is: opening the sealed record.
     let amount = sealed_amount(&app, &m.id, &vid).await;
     let wrong = if amount == 99 { 98 } else { amount + 1 };
+    // Another merchant can neither see nor confirm it.
+    let other = app.merchant(false).await;
+    let (s, _) = app.get(&format!("{base}/{vid}"), &other.sk).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post(
+            &format!("{base}/{vid}/confirm"),
+            &other.sk,
+            json!({"amount": amount}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post(&base, &other.sk, json!({"method": "micro_charge"}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, e) = app
+        .post(
+            &format!("{base}/{vid}/confirm"),
+            &m.sk,
+            json!({"amount": "12"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "amount");
     let (s, v) = app
         .post(
             &format!("{base}/{vid}/confirm"),
