@@ -90,6 +90,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhook_endpoints/{endpoint}",
             get(payments::get_endpoint).delete(payments::delete_endpoint),
         )
+        .route(
+            "/v1/webhook_endpoints/{endpoint}/deliveries",
+            get(payments::list_deliveries),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

@@ -141,3 +141,17 @@ pub async fn delete_endpoint(
         json!({"id": id, "object": "webhook_endpoint", "deleted": true}),
     ))
 }
+
+pub async fn list_deliveries(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    path_id("we", &id, "webhook_endpoint", "webhook_endpoint")?;
+    let all = state.vault.list_webhook_deliveries(&ctx, &id, 100).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": all.iter().map(crate::service::webhooks::delivery_object).collect::<Vec<_>>(),
+        "has_more": false,
+    })))
+}

@@ -18,7 +18,7 @@ use super::{event_object, now, Context, ServiceError, ServiceResult, Vault};
 use crate::crypto::{KeyOwner, Purpose};
 use crate::domain::{new_id, random_secret};
 use crate::processor::outbound;
-use crate::storage::{DeliveryAttempt, DueDelivery, WebhookEndpointRecord};
+use crate::storage::{DeliveryAttempt, DeliveryRecord, DueDelivery, WebhookEndpointRecord};
 
 /// Event types an endpoint may subscribe to (or `*`).
 pub const EVENT_TYPES: &[&str] = &[
@@ -54,6 +54,22 @@ pub fn endpoint_object(e: &WebhookEndpointRecord, secret: Option<&str>) -> Value
         v["secret"] = Value::String(s.to_string());
     }
     v
+}
+
+/// The public JSON of a delivery (times in unix milliseconds).
+pub fn delivery_object(d: &DeliveryRecord) -> Value {
+    json!({
+        "object": "webhook_delivery",
+        "event": d.event_id,
+        "type": d.event_type,
+        "endpoint": d.endpoint_id,
+        "status": d.status,
+        "attempts": d.attempts,
+        "next_attempt_at_ms": d.next_attempt_at,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "updated_ms": d.updated_at,
+    })
 }
 
 /// `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
@@ -172,6 +188,20 @@ impl Vault {
             )),
             other => Ok(other?),
         }
+    }
+
+    /// Recent deliveries to one of the merchant's endpoints, with attempts.
+    pub async fn list_webhook_deliveries(
+        &self,
+        ctx: &Context,
+        endpoint_id: &str,
+        limit: u32,
+    ) -> ServiceResult<Vec<DeliveryRecord>> {
+        self.get_webhook_endpoint(ctx, endpoint_id).await?;
+        Ok(self
+            .storage
+            .list_deliveries(ctx.merchant_id(), endpoint_id, limit)
+            .await?)
     }
 
     fn webhook_client(&self) -> ServiceResult<&reqwest::Client> {

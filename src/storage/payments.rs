@@ -150,6 +150,20 @@ pub struct DueDelivery {
     pub endpoint: WebhookEndpointRecord,
 }
 
+/// A delivery as shown to the merchant (attempts recorded so far).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub event_id: String,
+    pub event_type: String,
+    pub endpoint_id: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
 /// The result of one delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveryAttempt {
@@ -277,4 +291,11 @@ pub trait WebhookStore: Send + Sync {
     /// Deliveries whose next attempt is due, oldest first.
     async fn due_deliveries(&self, now: i64, limit: u32) -> StorageResult<Vec<DueDelivery>>;
     async fn record_delivery(&self, attempt: &DeliveryAttempt) -> StorageResult<()>;
+    /// The newest deliveries to one endpoint of the merchant.
+    async fn list_deliveries(
+        &self,
+        merchant_id: &str,
+        endpoint_id: &str,
+        limit: u32,
+    ) -> StorageResult<Vec<DeliveryRecord>>;
 }

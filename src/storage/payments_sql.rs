@@ -11,9 +11,9 @@ use async_trait::async_trait;
 
 use super::common::{into_page, page_fetch_limit};
 use super::payments::{
-    ChargeRecord, ChargeStore, DeliveryAttempt, DueDelivery, EventRecord, EventStore, LineItem,
-    RefundRecord, TokenRecord, TokenStore, TokenTake, VerificationRecord, VerificationStore,
-    WebhookEndpointRecord, WebhookStore,
+    ChargeRecord, ChargeStore, DeliveryAttempt, DeliveryRecord, DueDelivery, EventRecord,
+    EventStore, LineItem, RefundRecord, TokenRecord, TokenStore, TokenTake, VerificationRecord,
+    VerificationStore, WebhookEndpointRecord, WebhookStore,
 };
 use super::{AuditEntry, Metadata, Page, PgStorage, SqliteStorage, StorageError, StorageResult};
 
@@ -265,6 +265,35 @@ impl TryFrom<EndpointRow> for WebhookEndpointRecord {
             secret_sealed: r.secret_sealed,
             created_at: r.created_at,
         })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    event_id: String,
+    event_type: String,
+    endpoint_id: String,
+    status: String,
+    attempts: i64,
+    next_attempt_at: i64,
+    last_status: Option<i64>,
+    last_error: Option<String>,
+    updated_at: i64,
+}
+
+impl From<DeliveryRow> for DeliveryRecord {
+    fn from(r: DeliveryRow) -> Self {
+        DeliveryRecord {
+            event_id: r.event_id,
+            event_type: r.event_type,
+            endpoint_id: r.endpoint_id,
+            status: r.status,
+            attempts: r.attempts,
+            next_attempt_at: r.next_attempt_at,
+            last_status: r.last_status,
+            last_error: r.last_error,
+            updated_at: r.updated_at,
+        }
     }
 }
 
@@ -939,6 +968,29 @@ macro_rules! impl_payment_stores {
                 .await
                 .map_err($err)?;
                 rows.into_iter().map(DueDelivery::try_from).collect()
+            }
+
+            async fn list_deliveries(
+                &self,
+                merchant_id: &str,
+                endpoint_id: &str,
+                limit: u32,
+            ) -> StorageResult<Vec<DeliveryRecord>> {
+                let rows: Vec<DeliveryRow> = sqlx::query_as(&$q(
+                    "SELECT d.event_id AS event_id, e.type AS event_type, \
+                     d.endpoint_id AS endpoint_id, d.status AS status, d.attempts AS attempts, \
+                     d.next_attempt_at AS next_attempt_at, d.last_status AS last_status, \
+                     d.last_error AS last_error, d.updated_at AS updated_at \
+                     FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+                     WHERE d.merchant_id = ? AND d.endpoint_id = ? ORDER BY d.seq DESC LIMIT ?",
+                ))
+                .bind(merchant_id)
+                .bind(endpoint_id)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await
+                .map_err($err)?;
+                Ok(rows.into_iter().map(DeliveryRecord::from).collect())
             }
 
             async fn record_delivery(&self, a: &DeliveryAttempt) -> StorageResult<()> {

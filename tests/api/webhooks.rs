@@ -238,6 +238,21 @@ async fn signed_deliveries_with_retries(backend: Backend, mode: CryptoMode) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.seen.lock().unwrap().delivered.len(), 1);
 
+    let (s, list) = app
+        .get(&format!("/v1/webhook_endpoints/{ep_id}/deliveries"), &m.sk)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let d = &list["data"][0];
+    assert_eq!(d["status"], "delivered", "{list}");
+    assert_eq!(d["attempts"], 4, "3 failures recorded, then the success");
+    assert_eq!(d["type"], "charge.succeeded");
+    let (s, _) = app
+        .get(
+            &format!("/v1/webhook_endpoints/{ep_id}/deliveries"),
+            &other.sk,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = app
         .delete(&format!("/v1/webhook_endpoints/{ep_id}"), &m.sk)
         .await;
@@ -259,7 +274,7 @@ async fn deliveries_give_up_at_the_limit(backend: Backend, mode: CryptoMode) {
     .await;
     let m = app.merchant(false).await;
     let receiver = Receiver::start(Mode::FailThenOk(usize::MAX)).await;
-    let (s, _) = app
+    let (s, ep) = app
         .post(
             "/v1/webhook_endpoints",
             &m.sk,
@@ -267,6 +282,7 @@ async fn deliveries_give_up_at_the_limit(backend: Backend, mode: CryptoMode) {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
+    let ep_id = ep["id"].as_str().unwrap().to_string();
     let (cus, _) = customer_with_card(&app, &m.sk, APPROVED).await;
     charge(
         &app,
@@ -276,5 +292,13 @@ async fn deliveries_give_up_at_the_limit(backend: Backend, mode: CryptoMode) {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(receiver.calls(), 3);
+    let (s, list) = app
+        .get(&format!("/v1/webhook_endpoints/{ep_id}/deliveries"), &m.sk)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let d = &list["data"][0];
+    assert_eq!(d["status"], "failed", "{list}");
+    assert_eq!(d["attempts"], 3);
+    assert_eq!(d["last_status"], 500);
 }
 matrix!(deliveries_give_up_at_the_limit);
