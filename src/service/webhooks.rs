@@ -221,7 +221,14 @@ impl Vault {
     /// One round of the delivery worker: sends every due delivery once.
     pub async fn deliver_due_webhooks(&self) -> ServiceResult<usize> {
         use futures_util::StreamExt;
-        let due = self.storage.due_deliveries(now_ms(), BATCH).await?;
+        let now = now_ms();
+        // Longer than one send can take, so a lease never expires mid-send.
+        let lease = i64::try_from(self.payments.webhooks.timeout_ms.saturating_add(5_000))
+            .unwrap_or(i64::MAX);
+        let due = self
+            .storage
+            .due_deliveries(now, now.saturating_add(lease), BATCH)
+            .await?;
         let n = due.len();
         // Concurrently, so one slow endpoint does not hold up the others.
         let results: Vec<ServiceResult<()>> = futures_util::stream::iter(due)

@@ -288,8 +288,15 @@ pub trait WebhookStore: Send + Sync {
         id: &str,
         audit: &AuditEntry,
     ) -> StorageResult<()>;
-    /// Deliveries whose next attempt is due, oldest first.
-    async fn due_deliveries(&self, now: i64, limit: u32) -> StorageResult<Vec<DueDelivery>>;
+    /// Deliveries whose next attempt is due (unix ms), oldest first, each
+    /// leased to the caller until `lease_until` (rows another caller leased
+    /// first are skipped).
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> StorageResult<Vec<DueDelivery>>;
     async fn record_delivery(&self, attempt: &DeliveryAttempt) -> StorageResult<()>;
     /// The newest deliveries to one endpoint of the merchant.
     async fn list_deliveries(

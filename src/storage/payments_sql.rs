@@ -301,6 +301,7 @@ impl From<DeliveryRow> for DeliveryRecord {
 struct DueRow {
     seq: i64,
     attempts: i64,
+    next_at: i64,
     ev_id: String,
     ev_merchant_id: String,
     ev_type: String,
@@ -949,9 +950,15 @@ macro_rules! impl_payment_stores {
                 tx.commit().await.map_err($err)
             }
 
-            async fn due_deliveries(&self, now: i64, limit: u32) -> StorageResult<Vec<DueDelivery>> {
+            async fn due_deliveries(
+                &self,
+                now: i64,
+                lease_until: i64,
+                limit: u32,
+            ) -> StorageResult<Vec<DueDelivery>> {
                 let rows: Vec<DueRow> = sqlx::query_as(&$q(
-                    "SELECT d.seq AS seq, d.attempts AS attempts, e.id AS ev_id, \
+                    "SELECT d.seq AS seq, d.attempts AS attempts, \
+                     d.next_attempt_at AS next_at, e.id AS ev_id, \
                      e.merchant_id AS ev_merchant_id, e.type AS ev_type, e.data AS ev_data, \
                      e.created_at AS ev_created_at, w.id AS ep_id, w.url AS ep_url, \
                      w.events AS ep_events, w.secret_sealed AS ep_secret_sealed, \
@@ -967,7 +974,28 @@ macro_rules! impl_payment_stores {
                 .fetch_all(self.pool())
                 .await
                 .map_err($err)?;
-                rows.into_iter().map(DueDelivery::try_from).collect()
+                // Lease each row by moving its next attempt past the send's
+                // timeout, if nobody else did first: nodes sharing the
+                // database do not send the same delivery at once, and one
+                // that dies mid-send leaves the row to be retried after the
+                // lease.
+                let mut leased = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let done = sqlx::query(&$q(
+                        "UPDATE webhook_deliveries SET next_attempt_at = ? \
+                         WHERE seq = ? AND status = 'pending' AND next_attempt_at = ?",
+                    ))
+                    .bind(lease_until)
+                    .bind(row.seq)
+                    .bind(row.next_at)
+                    .execute(self.pool())
+                    .await
+                    .map_err($err)?;
+                    if done.rows_affected() == 1 {
+                        leased.push(DueDelivery::try_from(row)?);
+                    }
+                }
+                Ok(leased)
             }
 
             async fn list_deliveries(
