@@ -9,10 +9,9 @@ use std::sync::Arc;
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use cardvault::crypto::{CryptoMode, KeyOwner, Keyring, KeyringConfig, Purpose};
-use cardvault::storage::{
-    AuditEntry, KeyStore, MerchantRecord, MerchantStore, SqliteStorage, Storage,
-};
+use cardvault::config::Config;
+use cardvault::crypto::{CryptoMode, KeyOwner, Keyring, Purpose};
+use cardvault::server::bootstrap;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -20,48 +19,43 @@ use sha2::Sha256;
 
 const PAN: &[u8; 19] = b"4111111111111111003";
 
-fn keyring(rt: &tokio::runtime::Runtime, mode: CryptoMode, dir: &std::path::Path) -> Keyring {
+/// A keyring wired as the vault wires it (SQLite key store, fresh SoftHSM
+/// token, audit key installed), with the bench merchant's keys loaded.
+fn keyring(
+    rt: &tokio::runtime::Runtime,
+    mode: CryptoMode,
+    dir: &std::path::Path,
+) -> (Arc<Keyring>, String) {
     rt.block_on(async {
-        let url = format!(
-            "sqlite://{}",
-            dir.join(format!("{}.db", mode.as_str())).display()
-        );
-        let storage = SqliteStorage::connect(&url, 2).await.expect("sqlite");
-        storage.migrate().await.expect("migrate");
-        let merchant = MerchantRecord {
-            id: "mer_bench".to_string(),
-            name: "bench".to_string(),
-            created_at: 0,
+        let mut cfg = Config {
+            dev: true,
+            data_dir: dir.to_path_buf(),
+            database_url: Some(format!(
+                "sqlite://{}",
+                dir.join(format!("{}.db", mode.as_str())).display()
+            )),
+            ..Config::default()
         };
-        let audit = AuditEntry {
-            actor: "operator".to_string(),
-            event: "merchant.create".to_string(),
-            outcome: "success".to_string(),
-            ..AuditEntry::default()
-        };
-        storage
-            .create_merchant(&merchant, &[], &audit)
+        cfg.crypto.mode = mode;
+        let storage = bootstrap::storage(&cfg).await.expect("storage");
+        let vault = bootstrap::vault_with(&cfg, storage, cardvault::testkit::fresh_custodian())
             .await
-            .expect("merchant");
-        let store: Arc<dyn KeyStore> = Arc::new(storage);
-        let kr = Keyring::new(
-            cardvault::testkit::fresh_custodian(),
-            store,
-            KeyringConfig {
-                mode,
-                ..KeyringConfig::default()
-            },
-        );
+            .expect("vault");
+        let merchant = vault
+            .create_merchant("bench", false)
+            .await
+            .expect("merchant")
+            .merchant_id;
+        let kr = Arc::clone(vault.keyring());
+        let owner = KeyOwner::Merchant(&merchant);
         // Create and load the keys outside the measurement.
         let s = kr
-            .seal(KeyOwner::Merchant("mer_bench"), Purpose::Pan, "card_x", PAN)
+            .seal(owner, Purpose::Pan, "card_x", PAN)
             .await
             .expect("seal");
-        kr.open(KeyOwner::Merchant("mer_bench"), "card_x", &s)
-            .await
-            .expect("open");
-        kr.fingerprint("mer_bench", PAN).await.expect("fingerprint");
-        kr
+        kr.open(owner, "card_x", &s).await.expect("open");
+        kr.fingerprint(&merchant, PAN).await.expect("fingerprint");
+        (kr, merchant)
     })
 }
 
@@ -72,8 +66,8 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let envelope = keyring(&rt, CryptoMode::Envelope, dir.path());
-    let hsm = keyring(&rt, CryptoMode::Hsm, dir.path());
+    let (envelope, m_env) = keyring(&rt, CryptoMode::Envelope, dir.path());
+    let (hsm, m_hsm) = keyring(&rt, CryptoMode::Hsm, dir.path());
 
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
@@ -107,22 +101,19 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("envelope_seal_open_fingerprint", |b| {
         b.to_async(&rt).iter(|| async {
-            let owner = KeyOwner::Merchant("mer_bench");
+            let owner = KeyOwner::Merchant(&m_env);
             let sealed = envelope
                 .seal(owner, Purpose::Pan, "card_1", PAN)
                 .await
                 .expect("seal");
             let opened = envelope.open(owner, "card_1", &sealed).await.expect("open");
-            let fp = envelope
-                .fingerprint("mer_bench", &opened)
-                .await
-                .expect("fp");
+            let fp = envelope.fingerprint(&m_env, &opened).await.expect("fp");
             std::hint::black_box(fp);
         })
     });
     group.bench_function("hsm_seal_open", |b| {
         b.to_async(&rt).iter(|| async {
-            let owner = KeyOwner::Merchant("mer_bench");
+            let owner = KeyOwner::Merchant(&m_hsm);
             let sealed = hsm
                 .seal(owner, Purpose::Pan, "card_1", PAN)
                 .await

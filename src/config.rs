@@ -47,6 +47,7 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Key life cycle: cryptoperiods and maintenance (issue 6).
     pub keys: KeysConfig,
+    pub payments: PaymentsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -174,6 +175,7 @@ impl Default for Config {
             log: LogConfig::default(),
             audit: AuditConfig::default(),
             keys: KeysConfig::default(),
+            payments: PaymentsConfig::default(),
         }
     }
 }
@@ -364,6 +366,7 @@ impl Config {
                 "log.format must be \"json\" or \"text\"".to_string(),
             ));
         }
+        self.payments.validate()?;
         if self.limits.max_body_bytes < 1024 || self.limits.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_body_bytes must be at least 1024 and max_connections at least 1"
@@ -392,6 +395,145 @@ impl Config {
             .key
             .clone()
             .unwrap_or_else(|| self.data_dir.join("tls").join("key.pem"))
+    }
+}
+
+/// Longest life of a one-time token (and so of a CVV in the vault).
+pub const MAX_TOKEN_TTL_SECS: u64 = 15 * 60;
+
+/// Charges, tokens, verification and webhooks.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// Life of a one-time token, at most 900 seconds (15 minutes).
+    pub token_ttl_secs: u64,
+    /// How often expired tokens' payloads are purged.
+    pub token_sweep_secs: u64,
+    /// `sandbox` or `http`.
+    pub processor: String,
+    pub http: HttpProcessorConfig,
+    /// Refuse charges on cards that are not `verified`.
+    pub require_verified_cards: bool,
+    /// Wrong micro-charge amounts allowed before the verification fails.
+    pub verification_max_attempts: u32,
+    pub webhooks: WebhookConfig,
+}
+
+/// The `http` processor: where the card goes and how.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpProcessorConfig {
+    /// Base URL of the processor (https; http only to loopback in dev mode).
+    pub url: String,
+    /// Hosts the vault may send card data to; the URL's host must be listed.
+    pub allowed_hosts: Vec<String>,
+    /// JSON body sent to authorize, with placeholders `{{number}}`, `{{cvc}}`,
+    /// `{{exp_month}}`, `{{exp_year}}`, `{{holder_name}}`, `{{amount}}`,
+    /// `{{currency}}`, `{{capture}}`, `{{reference}}` (JSON-escaped).
+    pub authorize_template: String,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    /// PEM bundle of CAs trusted for the processor (default: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Webhook delivery.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Attempts per event and endpoint before it is marked failed.
+    pub max_attempts: u32,
+    /// First retry delay; doubles on every failure up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How often the worker looks for due deliveries.
+    pub poll_ms: u64,
+    pub timeout_ms: u64,
+    /// PEM bundle of CAs trusted for https endpoints (default: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            token_ttl_secs: 600,
+            token_sweep_secs: 30,
+            processor: "sandbox".to_string(),
+            http: HttpProcessorConfig::default(),
+            require_verified_cards: false,
+            verification_max_attempts: 3,
+            webhooks: WebhookConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpProcessorConfig {
+    fn default() -> Self {
+        HttpProcessorConfig {
+            url: String::new(),
+            allowed_hosts: Vec::new(),
+            authorize_template: r#"{"card":{"number":"{{number}}","cvc":"{{cvc}}","exp_month":{{exp_month}},"exp_year":{{exp_year}},"holder_name":"{{holder_name}}"},"amount":{{amount}},"currency":"{{currency}}","capture":{{capture}},"reference":"{{reference}}"}"#.to_string(),
+            connect_timeout_ms: 2_000,
+            timeout_ms: 15_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            max_attempts: 8,
+            backoff_base_ms: 5_000,
+            backoff_max_ms: 3_600_000,
+            poll_ms: 500,
+            timeout_ms: 10_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl PaymentsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.token_ttl_secs == 0 || self.token_ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(ConfigError::Insecure(format!(
+                "payments.token_ttl_secs must be between 1 and {MAX_TOKEN_TTL_SECS}"
+            )));
+        }
+        if self.token_sweep_secs == 0 || self.verification_max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "payments.token_sweep_secs and verification_max_attempts must be at least 1"
+                    .to_string(),
+            ));
+        }
+        if self.verification_max_attempts > 10 {
+            return Err(ConfigError::Insecure(
+                "payments.verification_max_attempts must be at most 10".to_string(),
+            ));
+        }
+        match self.processor.as_str() {
+            "sandbox" => {}
+            "http" => {
+                if self.http.url.is_empty() || self.http.allowed_hosts.is_empty() {
+                    return Err(ConfigError::Invalid(
+                        "payments.http.url and payments.http.allowed_hosts are required with the http processor"
+                            .to_string(),
+                    ));
+                }
+            }
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "payments.processor must be \"sandbox\" or \"http\", not {other:?}"
+                )))
+            }
+        }
+        let w = &self.webhooks;
+        if w.max_attempts == 0 || w.backoff_base_ms == 0 || w.poll_ms == 0 || w.timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "payments.webhooks settings must be positive".to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,8 @@
 //! - [`crypto`]: keyring of data keys, envelope/HSM sealing, fingerprints.
 //!   The only module that touches key bytes; the HSM itself is reached through
 //!   the `cardvault-hsm` crate.
+//! - [`processor`]: the `Processor` trait and its sandbox and HTTP
+//!   implementations.
 //! - [`storage`]: per-aggregate storage traits with SQLite and PostgreSQL
 //!   implementations.
 //! - [`domain`]: pure types (`Pan`, `Brand`, `Expiry`, ids); no IO.
@@ -18,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod processor;
 pub mod report;
 pub mod server;
 pub mod service;

@@ -22,6 +22,8 @@ pub struct CreateCard {
     exp_month: Option<i64>,
     exp_year: Option<i64>,
     holder_name: Option<String>,
+    /// A one-time card token (`tok_…`) instead of the fields above.
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +112,29 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateCard>,
 ) -> Result<Response, ApiError> {
     path_id("cus", &customer, "customer", "customer")?;
+    if let Some(token) = body.token {
+        if body.number.is_some()
+            || body.exp_month.is_some()
+            || body.exp_year.is_some()
+            || body.holder_name.is_some()
+        {
+            return Err(ApiError::invalid(
+                "parameter_conflict",
+                "pass either token or the card fields, not both",
+            )
+            .with_param("token"));
+        }
+        let (view, created) = state
+            .vault
+            .add_card_from_token(&ctx, &customer, &token)
+            .await?;
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        return Ok((status, Json(CardOut::from(view))).into_response());
+    }
     let new = NewCard {
         number: required(body.number, "number")?,
         exp_month: required(body.exp_month, "exp_month")?,

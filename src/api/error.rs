@@ -146,6 +146,9 @@ impl From<ServiceError> for ApiError {
                 "conflict",
                 "the request conflicts with the current state; retry",
             ),
+            ServiceError::InvalidState { code, message } => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+            }
             ServiceError::Unavailable(cause) => {
                 tracing::warn!(request_id = %current_request_id(), %cause, "backing service unavailable");
                 ApiError::unavailable()

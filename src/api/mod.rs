@@ -3,10 +3,14 @@
 //! JSON and the service layer and nothing else.
 
 mod cards;
+mod charges;
 mod customers;
 pub mod error;
+mod events;
 mod extract;
 mod idempotency;
+mod payments;
+mod tokens;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,15 +62,59 @@ pub fn router(state: AppState) -> Router {
             get(cards::get).patch(cards::update).delete(cards::delete),
         )
         .route("/v1/cards/{card}/reveal", post(cards::reveal))
+        .route("/v1/charges", post(charges::create).get(charges::list))
+        .route("/v1/charges/{charge}", get(charges::get))
+        .route("/v1/charges/{charge}/confirm", post(charges::confirm))
+        .route("/v1/charges/{charge}/capture", post(charges::capture))
+        .route("/v1/charges/{charge}/refunds", post(charges::refund))
+        .route("/v1/charges/{charge}/cancel", post(charges::cancel))
+        .route("/v1/events", get(events::list))
+        .route("/v1/events/{event}", get(events::get))
+        .route(
+            "/v1/customers/{customer}/cards/{card}/verifications",
+            post(payments::start_verification),
+        )
+        .route(
+            "/v1/customers/{customer}/cards/{card}/verifications/{verification}",
+            get(payments::get_verification),
+        )
+        .route(
+            "/v1/customers/{customer}/cards/{card}/verifications/{verification}/confirm",
+            post(payments::confirm_verification),
+        )
+        .route(
+            "/v1/webhook_endpoints",
+            post(payments::create_endpoint).get(payments::list_endpoints),
+        )
+        .route(
+            "/v1/webhook_endpoints/{endpoint}",
+            get(payments::get_endpoint).delete(payments::delete_endpoint),
+        )
+        .route(
+            "/v1/webhook_endpoints/{endpoint}/deliveries",
+            get(payments::list_deliveries),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
         ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    // Token creation is the one route a publishable key may call.
+    let public = Router::new()
+        .route("/v1/tokens", post(tokens::create))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_publishable,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(v1)
+        .merge(public)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_id))
@@ -121,7 +169,25 @@ async fn request_id(req: Request, next: Next) -> Response {
 
 /// Resolves the bearer secret key into a [`Context`]. Publishable keys are
 /// refused on these routes.
-async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    authenticate_key(state, req, next, false).await
+}
+
+/// Like [`authenticate`], also accepting publishable keys (token creation).
+async fn authenticate_publishable(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    authenticate_key(state, req, next, true).await
+}
+
+async fn authenticate_key(
+    state: AppState,
+    mut req: Request,
+    next: Next,
+    publishable_ok: bool,
+) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -151,7 +217,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if principal.kind != ApiKeyKind::Secret {
+    if principal.kind != ApiKeyKind::Secret && !publishable_ok {
         state
             .vault
             .record_scope_denial(

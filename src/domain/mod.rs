@@ -9,13 +9,16 @@
 //!   funding.
 //! - [`Expiry`]: month/year validated against a caller-supplied date.
 //! - [`ids`]: prefixed random ids and API key secrets.
+//! - [`Money`]/[`Currency`]: amounts in ISO 4217 minor units.
 
 pub mod brand;
 pub mod expiry;
 pub mod ids;
+pub mod money;
 pub mod pan;
 
 pub use brand::{Brand, CodeLocation, Funding, SecurityCode, UnknownName};
 pub use expiry::{year_month, Expiry, ExpiryError};
 pub use ids::{is_valid_id, is_valid_secret, new_id, random_secret};
+pub use money::{Currency, Money, MoneyError};
 pub use pan::{contains_pan_like, Bin, CardMetadataError, Last4, Pan, PanError};

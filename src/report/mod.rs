@@ -147,8 +147,14 @@ async fn sad_check(vault: &Vault, t: i64) -> ServiceResult<Check> {
     let mut data = serde_json::Map::new();
     let mut leftovers = 0;
     let mut absent = Vec::new();
-    for (table, column) in [("card_tokens", "expires_at")] {
-        match vault.storage().count_older(table, column, t).await? {
+    // A used or expired token keeps its row (last4, times) but its sealed
+    // payload (PAN and CVV) must be gone: only rows still holding one count.
+    for (table, column, held) in [("card_tokens", "expires_at", "payload")] {
+        match vault
+            .storage()
+            .count_older(table, column, t, Some(held))
+            .await?
+        {
             Some(n) => {
                 leftovers += n;
                 data.insert(table.to_string(), json!({"expired_rows": n}));

@@ -142,7 +142,9 @@ pub async fn vault_with(
         .ensure_kek()
         .await
         .map_err(|e| anyhow::anyhow!("create or find the KEK: {e}"))?;
-    let vault = Vault::new(storage, keyring);
+    let processor = crate::processor::from_config(&cfg.payments)
+        .map_err(|e| anyhow::anyhow!("processor: {e}"))?;
+    let vault = Vault::new(storage, keyring).with_payments(cfg.payments.clone(), processor);
     // Without the audit key nothing can be audited, so nothing may happen.
     vault
         .install_audit_key()

@@ -5,6 +5,7 @@
 
 pub mod bootstrap;
 pub mod tls;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -107,6 +108,7 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("record service start in the audit trail: {e}"))?;
         let upkeep_task = tokio::spawn(run_upkeep(Arc::clone(&vault), upkeep));
+        let workers = workers::Workers::start(Arc::clone(&vault));
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tokio::pin!(shutdown);
@@ -200,6 +202,7 @@ impl Application {
         {
             tracing::warn!("grace period over; closing remaining connections");
         }
+        workers.stop();
         upkeep_task.abort();
         if let Err(e) = vault.record_lifecycle("service.stop", "graceful").await {
             tracing::error!(error = %e, "could not record service stop in the audit trail");

@@ -34,7 +34,7 @@ fn today() -> (i32, u8) {
     year_month(time::OffsetDateTime::now_utc().date())
 }
 
-fn holder(value: Option<String>) -> ServiceResult<Option<String>> {
+pub(super) fn holder(value: Option<String>) -> ServiceResult<Option<String>> {
     match value.map(|v| v.trim().to_string()) {
         Some(v) if v.chars().count() > 100 => Err(ServiceError::invalid(
             "holder_name",
@@ -77,7 +77,7 @@ fn alias(value: Option<String>) -> ServiceResult<Option<String>> {
     }
 }
 
-fn expiry(month: i64, year: i64) -> ServiceResult<Expiry> {
+pub(super) fn expiry(month: i64, year: i64) -> ServiceResult<Expiry> {
     Expiry::new(month, year, today()).map_err(|e| {
         let param = if matches!(e, crate::domain::ExpiryError::InvalidMonth) {
             "exp_month"

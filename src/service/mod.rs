@@ -5,17 +5,29 @@
 pub mod audit;
 mod auth;
 mod cards;
+mod charges;
 mod customers;
+mod events;
 pub mod keys;
+mod tokens;
+mod verification;
+pub mod webhooks;
 
 use std::sync::Arc;
 
 pub use audit::{Finding, Tamper, Verification};
 pub use auth::{Principal, Scope};
 pub use cards::{CardView, NewCard, RevealedCard};
+pub use charges::{charge_object, refund_object, NewCharge};
 pub use customers::{CustomerPage, NewCustomer};
+pub use events::event_object;
+pub use tokens::{token_object, NewToken};
+pub use verification::verification_object;
 
+use crate::config::PaymentsConfig;
 use crate::crypto::{CryptoError, Keyring};
+use crate::processor::sandbox::SandboxProcessor;
+use crate::processor::Processor;
 use crate::storage::{AuditEntry, Storage, StorageError};
 
 /// Errors of the service layer, mapped to HTTP by the api layer.
@@ -41,6 +53,9 @@ pub enum ServiceError {
     Forbidden(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// The object is not in a state that allows the operation (409).
+    #[error("{message}")]
+    InvalidState { code: &'static str, message: String },
     /// HSM or database outage: retry later (503).
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -52,6 +67,13 @@ impl ServiceError {
     pub fn invalid(param: &str, code: &'static str, message: impl Into<String>) -> Self {
         ServiceError::Invalid {
             param: param.to_string(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_state(code: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::InvalidState {
             code,
             message: message.into(),
         }
@@ -125,6 +147,9 @@ pub struct Vault {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) keyring: Arc<Keyring>,
     auth_cache: auth::KeyCache,
+    pub(crate) processor: Arc<dyn Processor>,
+    pub(crate) payments: PaymentsConfig,
+    webhook_client: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Vault {
@@ -133,7 +158,25 @@ impl Vault {
             storage,
             keyring,
             auth_cache: auth::KeyCache::default(),
+            processor: Arc::new(SandboxProcessor),
+            payments: PaymentsConfig::default(),
+            webhook_client: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the processor and payment settings (default: sandbox).
+    pub fn with_payments(
+        mut self,
+        payments: PaymentsConfig,
+        processor: Arc<dyn Processor>,
+    ) -> Self {
+        self.payments = payments;
+        self.processor = processor;
+        self
+    }
+
+    pub fn payments_config(&self) -> &PaymentsConfig {
+        &self.payments
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {

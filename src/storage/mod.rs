@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod chain;
 mod common;
+pub mod payments;
+mod payments_sql;
 mod postgres;
 mod postgres_audit;
 mod sqlite;
@@ -20,6 +22,7 @@ mod sqlite_audit;
 mod tests;
 
 pub use chain::{AuditSealer, ChainRow, Checkpoint};
+pub use payments::*;
 pub use postgres::PgStorage;
 pub use sqlite::SqliteStorage;
 
@@ -502,13 +505,15 @@ pub trait AdminStore: Send + Sync {
         &self,
         matches: &(dyn for<'b> Fn(&'b [u8]) -> bool + Send + Sync),
     ) -> StorageResult<(Vec<ScanHit>, i64)>;
-    /// Rows of `table` whose `column` is below `before`; `None` when the
-    /// table or column does not exist.
+    /// Rows of `table` whose `column` is below `before` (and, with `held`,
+    /// whose `held` column is not NULL); `None` when the table or column
+    /// does not exist.
     async fn count_older(
         &self,
         table: &str,
         column: &str,
         before: i64,
+        held: Option<&str>,
     ) -> StorageResult<Option<i64>>;
 }
 
@@ -523,6 +528,11 @@ pub trait Storage:
     + AuditStore
     + AuditChainStore
     + AdminStore
+    + TokenStore
+    + ChargeStore
+    + VerificationStore
+    + EventStore
+    + WebhookStore
 {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;

@@ -278,6 +278,13 @@ impl AuditChainStore for PgStorage {
 
 /// Tables a merchant's rows live in, children first.
 const MERCHANT_TABLES: &[&str] = &[
+    "webhook_deliveries",
+    "events",
+    "webhook_endpoints",
+    "refunds",
+    "card_verifications",
+    "charges",
+    "card_tokens",
     "cards",
     "customers",
     "idempotency_keys",
@@ -563,6 +570,7 @@ impl AdminStore for PgStorage {
         table: &str,
         column: &str,
         before: i64,
+        held: Option<&str>,
     ) -> StorageResult<Option<i64>> {
         let exists: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM information_schema.columns \
@@ -577,9 +585,11 @@ impl AdminStore for PgStorage {
             return Ok(None);
         }
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM \"{}\" WHERE \"{}\" < $1",
+            "SELECT count(*) FROM \"{}\" WHERE \"{}\" < $1{}",
             table.replace('"', "\"\""),
-            column.replace('"', "\"\"")
+            column.replace('"', "\"\""),
+            held.map(|h| format!(" AND \"{}\" IS NOT NULL", h.replace('"', "\"\"")))
+                .unwrap_or_default()
         ))
         .bind(before)
         .fetch_one(self.pool())

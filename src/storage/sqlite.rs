@@ -22,6 +22,7 @@ use super::common::{
     ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
     MerchantRow,
 };
+use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
@@ -282,6 +283,7 @@ impl CustomerStore for SqliteStorage {
         .await
         .map_err(db_err)?;
         insert_audit(&mut tx, &self.sealer, audit).await?;
+        SqliteStorage::insert_events(&mut tx, &[lifecycle::customer_created(c, audit.at)]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -362,9 +364,12 @@ impl CustomerStore for SqliteStorage {
             .await
             .map_err(db_err)?;
         insert_audit(&mut tx, &self.sealer, audit).await?;
+        let mut events = vec![lifecycle::customer_deleted(merchant_id, id, audit.at)];
         for card in cards.into_iter().map(CardRecord::from) {
             insert_audit(&mut tx, &self.sealer, &card_audit(&card)).await?;
+            events.push(lifecycle::card_deleted(&card, audit.at));
         }
+        SqliteStorage::insert_events(&mut tx, &events).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -482,6 +487,7 @@ impl CardStore for SqliteStorage {
             .await?;
         }
         insert_audit(&mut tx, &self.sealer, audit).await?;
+        SqliteStorage::insert_events(&mut tx, &[lifecycle::card_created(card, audit.at)]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(CardInsert::Created { default })
     }
@@ -575,6 +581,7 @@ impl CardStore for SqliteStorage {
             set_default_card(&mut *tx, merchant_id, &card.customer_id, newest.as_deref()).await?;
         }
         insert_audit(&mut tx, &self.sealer, audit).await?;
+        SqliteStorage::insert_events(&mut tx, &[lifecycle::card_deleted(&card, audit.at)]).await?;
         tx.commit().await.map_err(db_err)
     }
 }

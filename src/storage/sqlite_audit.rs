@@ -269,6 +269,13 @@ impl AuditChainStore for SqliteStorage {
 
 /// Tables a merchant's rows live in, children first.
 const MERCHANT_TABLES: &[&str] = &[
+    "webhook_deliveries",
+    "events",
+    "webhook_endpoints",
+    "refunds",
+    "card_verifications",
+    "charges",
+    "card_tokens",
     "cards",
     "customers",
     "idempotency_keys",
@@ -551,6 +558,7 @@ impl AdminStore for SqliteStorage {
         table: &str,
         column: &str,
         before: i64,
+        held: Option<&str>,
     ) -> StorageResult<Option<i64>> {
         let exists: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pragma_table_info(?) WHERE name = ?")
@@ -563,9 +571,11 @@ impl AdminStore for SqliteStorage {
             return Ok(None);
         }
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM \"{}\" WHERE \"{}\" < ?",
+            "SELECT count(*) FROM \"{}\" WHERE \"{}\" < ?{}",
             table.replace('"', "\"\""),
-            column.replace('"', "\"\"")
+            column.replace('"', "\"\""),
+            held.map(|h| format!(" AND \"{}\" IS NOT NULL", h.replace('"', "\"\"")))
+                .unwrap_or_default()
         ))
         .bind(before)
         .fetch_one(self.pool())

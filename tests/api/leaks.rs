@@ -57,7 +57,7 @@ fn bcd(pan: &str) -> Vec<u8> {
 }
 
 /// Text forms a PAN could take at rest or in a log line.
-fn text_needles(pan: &str) -> Vec<String> {
+pub(crate) fn text_needles(pan: &str) -> Vec<String> {
     vec![
         pan.to_string(),
         grouped(pan, ' '),
@@ -71,11 +71,11 @@ fn text_needles(pan: &str) -> Vec<String> {
 
 /// Bytes as a string of one char per byte, so that std's fast substring
 /// search works on binary data (needles are mapped the same way).
-fn latin1(bytes: &[u8]) -> String {
+pub(crate) fn latin1(bytes: &[u8]) -> String {
     bytes.iter().map(|&b| char::from(b)).collect()
 }
 
-fn find_bytes(hay: &str, needle: &[u8]) -> bool {
+pub(crate) fn find_bytes(hay: &str, needle: &[u8]) -> bool {
     !needle.is_empty() && hay.contains(&latin1(needle))
 }
 
@@ -161,7 +161,7 @@ impl Session<'_> {
 }
 
 /// Every (table, row as text) of the database.
-async fn dump_postgres(url: &str) -> Vec<(String, String)> {
+pub(crate) async fn dump_postgres(url: &str) -> Vec<(String, String)> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await.expect("pg connect");
     let tables: Vec<(String, String)> = sqlx::query_as(
@@ -192,7 +192,7 @@ async fn dump_postgres(url: &str) -> Vec<(String, String)> {
 
 /// Every regular file under `dir` (the SQLite database, its WAL and shm, and
 /// anything else the server wrote there), with its bytes.
-fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+pub(crate) fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

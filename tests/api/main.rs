@@ -6,11 +6,15 @@
 pub mod support;
 
 mod audit;
+mod charges;
 mod cli;
 mod endpoints;
+mod http_processor;
 mod isolation;
 mod leaks;
+mod payment_leaks;
 mod process;
 mod report;
 mod rotation;
 mod validation;
+mod webhooks;

@@ -519,3 +519,78 @@ async fn sigterm_finishes_in_flight_requests() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// Killing the vault while a webhook is being delivered loses nothing: the
+/// delivery row is still pending, and the restarted vault sends it.
+async fn webhook_outbox_survives_sigkill(backend: Backend, mode: CryptoMode) {
+    use crate::webhooks::{verify_signature, Mode, Receiver};
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = db_url_for(backend, &dir.path().join("data")).await;
+    let sk = merchant_via_cli(dir.path(), &db_url, mode, "Webhooks");
+    let receiver = Receiver::start(Mode::Hang).await;
+    let mut server = start(dir.path(), &db_url, mode, 0);
+    let c = client(dir.path(), server.port);
+    let post = reqwest::Method::POST;
+    let (s, ep) = send(
+        &c,
+        server.port,
+        post.clone(),
+        "/v1/webhook_endpoints",
+        &sk,
+        Some(json!({"url": receiver.url, "events": ["charge.succeeded"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{ep}");
+    let secret = ep["secret"].as_str().unwrap().to_string();
+    let (s, cus) = send(
+        &c,
+        server.port,
+        post.clone(),
+        "/v1/customers",
+        &sk,
+        Some(json!({"email": "w@example.com"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{cus}");
+    let cus = cus["id"].as_str().unwrap().to_string();
+    let (s, card) = send(
+        &c,
+        server.port,
+        post.clone(),
+        &format!("/v1/customers/{cus}/cards"),
+        &sk,
+        Some(json!({"number": "4242424242424242", "exp_month": 12, "exp_year": 2031})),
+    )
+    .await;
+    assert_eq!(s, 201, "{card}");
+    let (s, ch) = send(
+        &c,
+        server.port,
+        post.clone(),
+        "/v1/charges",
+        &sk,
+        Some(json!({"amount": 4200, "currency": "usd", "customer": cus})),
+    )
+    .await;
+    assert_eq!(s, 201, "{ch}");
+    // Wait until the delivery is in flight, then kill the vault.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while receiver.calls() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no delivery attempt");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    *receiver.mode.lock().unwrap() = Mode::FailThenOk(0);
+    let mut server = start(dir.path(), &db_url, mode, 1);
+    let delivered = receiver.wait_delivered(1, Duration::from_secs(60)).await;
+    let (sig, body) = &delivered[0];
+    assert!(verify_signature(sig, &secret, body), "{sig}");
+    let event: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(event["type"], "charge.succeeded");
+    assert_eq!(event["data"]["object"]["id"], ch["id"]);
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let _ = &server.log;
+}
+matrix!(webhook_outbox_survives_sigkill);

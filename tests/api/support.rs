@@ -142,7 +142,7 @@ impl TestApp {
         Self::spawn_with(backend, mode, |_| {}).await
     }
 
-    /// Like [`TestApp::spawn`], with the configuration adjusted first.
+    /// Like [`TestApp::spawn`], with the configuration adjusted by `tweak`.
     pub async fn spawn_with(
         backend: Backend,
         mode: CryptoMode,
@@ -231,6 +231,34 @@ impl TestApp {
         let text = resp.text().await.expect("body");
         let json = serde_json::from_str(&text).unwrap_or(Value::Null);
         (status, json, headers)
+    }
+
+    /// A JSON request with extra headers (e.g. `Idempotency-Key`).
+    pub async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(key)
+            .json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+            headers,
+        )
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {

@@ -1,0 +1,141 @@
+//! The deterministic sandbox processor. The card number decides the outcome;
+//! any other valid number is approved. Keep this table and README.md's in
+//! step.
+//!
+//! | number              | outcome                                               |
+//! |---------------------|-------------------------------------------------------|
+//! | 4242424242424242    | approved                                              |
+//! | 4000000000009995    | declined, `insufficient_funds`                        |
+//! | 4000000000000002    | declined, `do_not_honor`                              |
+//! | 4000000000000069    | declined, `card_expired`                              |
+//! | 4000000000000101    | stored-card charge without CVV: `provide_cvc` pending |
+//! | 4000000000000259    | processor timeout: outcome unknown                    |
+//! | 4000000000000119    | processor error: fails, nothing charged               |
+
+use async_trait::async_trait;
+
+use super::{AuthOutcome, AuthorizeRequest, Processor, ProcessorError, ProcessorResult};
+use crate::domain::{new_id, Money};
+
+pub const INSUFFICIENT_FUNDS: &str = "4000000000009995";
+pub const DO_NOT_HONOR: &str = "4000000000000002";
+pub const CARD_EXPIRED: &str = "4000000000000069";
+pub const REQUIRES_CVC: &str = "4000000000000101";
+pub const TIMEOUT: &str = "4000000000000259";
+pub const PROCESSOR_ERROR: &str = "4000000000000119";
+
+/// See the module documentation for the table of test cards.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxProcessor;
+
+fn declined(code: &str, message: &str) -> AuthOutcome {
+    AuthOutcome::Declined {
+        code: code.to_string(),
+        message: message.to_string(),
+    }
+}
+
+#[async_trait]
+impl Processor for SandboxProcessor {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    async fn authorize(&self, req: &AuthorizeRequest<'_>) -> ProcessorResult<AuthOutcome> {
+        let number = req.card.pan.digits();
+        let outcome = match number {
+            INSUFFICIENT_FUNDS => declined("insufficient_funds", "the card has insufficient funds"),
+            DO_NOT_HONOR => declined("do_not_honor", "the issuer declined the card"),
+            CARD_EXPIRED => declined("card_expired", "the card has expired"),
+            REQUIRES_CVC if req.card.cvc.is_none() => AuthOutcome::CvcRequired,
+            TIMEOUT => {
+                return Err(ProcessorError::Unknown(
+                    "sandbox: simulated processor timeout".to_string(),
+                ))
+            }
+            PROCESSOR_ERROR => {
+                return Err(ProcessorError::Failed(
+                    "sandbox: simulated processor error".to_string(),
+                ))
+            }
+            _ => AuthOutcome::Approved {
+                reference: new_id("sbx"),
+            },
+        };
+        Ok(outcome)
+    }
+
+    async fn capture(&self, _reference: &str, _amount: Money) -> ProcessorResult<()> {
+        Ok(())
+    }
+
+    async fn refund(&self, _reference: &str, _amount: Money) -> ProcessorResult<()> {
+        Ok(())
+    }
+
+    async fn void(&self, _reference: &str) -> ProcessorResult<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::domain::{Currency, Pan};
+    use crate::processor::PaymentCard;
+
+    async fn run(number: &str, cvc: Option<&str>) -> ProcessorResult<AuthOutcome> {
+        let pan = Pan::parse(number).unwrap();
+        SandboxProcessor
+            .authorize(&AuthorizeRequest {
+                card: PaymentCard {
+                    pan: &pan,
+                    exp_month: 12,
+                    exp_year: 2031,
+                    holder_name: None,
+                    cvc,
+                },
+                amount: Some(Money::new(1000, Currency::Usd).unwrap()),
+                capture: true,
+                stored_credential: true,
+                reference: "ch_test",
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn table_of_test_cards() {
+        assert!(matches!(
+            run("4242424242424242", None).await,
+            Ok(AuthOutcome::Approved { .. })
+        ));
+        assert!(matches!(
+            run("5555555555554444", None).await,
+            Ok(AuthOutcome::Approved { .. })
+        ));
+        for (number, code) in [
+            (INSUFFICIENT_FUNDS, "insufficient_funds"),
+            (DO_NOT_HONOR, "do_not_honor"),
+            (CARD_EXPIRED, "card_expired"),
+        ] {
+            match run(number, None).await {
+                Ok(AuthOutcome::Declined { code: c, .. }) => assert_eq!(c, code),
+                other => panic!("{number}: {other:?}"),
+            }
+        }
+        assert_eq!(run(REQUIRES_CVC, None).await, Ok(AuthOutcome::CvcRequired));
+        assert!(matches!(
+            run(REQUIRES_CVC, Some("123")).await,
+            Ok(AuthOutcome::Approved { .. })
+        ));
+        assert!(matches!(
+            run(TIMEOUT, None).await,
+            Err(ProcessorError::Unknown(_))
+        ));
+        assert!(matches!(
+            run(PROCESSOR_ERROR, None).await,
+            Err(ProcessorError::Failed(_))
+        ));
+    }
+}

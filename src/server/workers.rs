@@ -1,0 +1,57 @@
+//! Background workers started with the server: the token sweeper (purges
+//! the sealed payloads of expired tokens) and the webhook delivery loop.
+//! Both are safe to run on every node: their database updates are
+//! idempotent, and a delivery is at-least-once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::service::Vault;
+
+/// Handles of the running workers; dropping them does not stop them, call
+/// [`Workers::stop`].
+pub struct Workers {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    pub fn start(vault: Arc<Vault>) -> Workers {
+        let sweep_every = Duration::from_secs(vault.payments_config().token_sweep_secs.max(1));
+        let sweeper = {
+            let vault = Arc::clone(&vault);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(sweep_every);
+                loop {
+                    tick.tick().await;
+                    match vault.sweep_tokens().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(purged = n, "expired tokens purged"),
+                        Err(e) => tracing::warn!(error = %e, "token sweep failed"),
+                    }
+                }
+            })
+        };
+        let poll = Duration::from_millis(vault.payments_config().webhooks.poll_ms.max(10));
+        let deliveries = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = vault.deliver_due_webhooks().await {
+                    tracing::warn!(error = %e, "webhook delivery round failed");
+                }
+            }
+        });
+        Workers {
+            handles: vec![sweeper, deliveries],
+        }
+    }
+
+    pub fn stop(self) {
+        for h in self.handles {
+            h.abort();
+        }
+    }
+}

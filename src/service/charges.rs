@@ -1,0 +1,691 @@
+//! Charges: authorize (and capture) a saved card through the processor,
+//! capture later, refund, cancel, and the pending-CVV flow.
+//!
+//! A charge is written as `processing` before the processor is called, so a
+//! crash mid-call leaves a record to reconcile rather than a charge nobody
+//! knows about. Every later change is one transaction (charge + event +
+//! audit) guarded by the charge's version, so two concurrent captures or
+//! refunds cannot both apply. A CVV only ever lives in memory, for the one
+//! processor call it was given for.
+
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::events::new_event;
+use super::tokens::TokenContents;
+use super::{now, Context, ServiceError, ServiceResult, Vault};
+use crate::crypto::KeyOwner;
+use crate::domain::{contains_pan_like, new_id, Currency, Money, Pan};
+use crate::processor::{AuthOutcome, AuthorizeRequest, PaymentCard, ProcessorError};
+use crate::storage::{
+    CardRecord, ChargeRecord, EventRecord, LineItem, Metadata, Page, RefundRecord, StorageError,
+};
+
+/// A charge request, as parsed by the api layer.
+pub struct NewCharge {
+    pub amount: i64,
+    pub currency: String,
+    pub customer: String,
+    pub card: Option<String>,
+    pub token: Option<String>,
+    pub capture: bool,
+    pub description: Option<String>,
+    pub metadata: Metadata,
+    pub line_items: Option<Vec<LineItem>>,
+}
+
+pub const STATUS_PROCESSING: &str = "processing";
+pub const STATUS_PENDING: &str = "pending";
+pub const STATUS_SUCCEEDED: &str = "succeeded";
+pub const STATUS_FAILED: &str = "failed";
+pub const STATUS_CANCELED: &str = "canceled";
+const NEXT_PROVIDE_CVC: &str = "provide_cvc";
+
+/// The public JSON of a charge.
+pub fn charge_object(c: &ChargeRecord) -> Value {
+    let next_action = c.next_action.as_ref().map(|t| {
+        json!({
+            "type": t,
+            "provide_cvc": {
+                "confirm_url": format!("/v1/charges/{}/confirm", c.id),
+                "card": c.card_id,
+            }
+        })
+    });
+    // `processing` is internal: outside the request that created it, a
+    // charge still processing is one whose outcome is not known yet.
+    let status = if c.status == STATUS_PROCESSING {
+        STATUS_PENDING
+    } else {
+        c.status.as_str()
+    };
+    json!({
+        "id": c.id,
+        "object": "charge",
+        "amount": c.amount,
+        "currency": c.currency,
+        "customer": c.customer_id,
+        "card": c.card_id,
+        "status": status,
+        "captured": c.captured,
+        "amount_captured": c.amount_captured,
+        "amount_refunded": c.amount_refunded,
+        "refunded": c.captured && c.amount_refunded > 0 && c.amount_refunded == c.amount_captured,
+        "failure_code": c.failure_code,
+        "failure_message": c.failure_message,
+        "next_action": next_action,
+        "description": c.description,
+        "metadata": c.metadata,
+        "line_items": c.line_items,
+        "processor": c.processor,
+        "created": c.created_at,
+    })
+}
+
+/// The public JSON of a refund.
+pub fn refund_object(r: &RefundRecord) -> Value {
+    json!({
+        "id": r.id,
+        "object": "refund",
+        "charge": r.charge_id,
+        "amount": r.amount,
+        "status": r.status,
+        "created": r.created_at,
+    })
+}
+
+fn check_text(param: &str, value: &str, max: usize) -> ServiceResult<()> {
+    if value.chars().count() > max {
+        return Err(ServiceError::invalid(
+            param,
+            "parameter_too_long",
+            format!("{param} must have at most {max} characters"),
+        ));
+    }
+    // Free text travels to events and webhooks: a card number pasted into
+    // it must not.
+    if contains_pan_like(value) || value.chars().any(|c| c.is_control()) {
+        return Err(ServiceError::invalid(
+            param,
+            "invalid_text",
+            format!("{param} must not contain card numbers or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_metadata(metadata: &Metadata) -> ServiceResult<()> {
+    if metadata.len() > 50 {
+        return Err(ServiceError::invalid(
+            "metadata",
+            "too_many_keys",
+            "metadata may have at most 50 keys",
+        ));
+    }
+    for (k, v) in metadata {
+        check_text("metadata", k, 40)?;
+        check_text("metadata", v, 500)?;
+    }
+    Ok(())
+}
+
+fn check_line_items(items: &[LineItem], amount: Money) -> ServiceResult<()> {
+    if items.is_empty() || items.len() > 100 {
+        return Err(ServiceError::invalid(
+            "line_items",
+            "invalid_line_items",
+            "line_items must have 1 to 100 entries",
+        ));
+    }
+    let mut total: i64 = 0;
+    for (i, item) in items.iter().enumerate() {
+        let p = |f: &str| format!("line_items[{i}].{f}");
+        if item.name.trim().is_empty() {
+            return Err(ServiceError::invalid(
+                &p("name"),
+                "parameter_missing",
+                "name must not be empty",
+            ));
+        }
+        check_text(&p("name"), &item.name, 200)?;
+        if let Some(sku) = &item.sku {
+            check_text(&p("sku"), sku, 100)?;
+        }
+        if item.unit_price < 0 || item.unit_price > Money::max_minor(amount.currency()) {
+            return Err(ServiceError::invalid(
+                &p("unit_price"),
+                "invalid_amount",
+                "unit_price must be a non-negative integer in minor units",
+            ));
+        }
+        if !(1..=100_000).contains(&item.quantity) {
+            return Err(ServiceError::invalid(
+                &p("quantity"),
+                "invalid_quantity",
+                "quantity must be between 1 and 100000",
+            ));
+        }
+        total = item
+            .unit_price
+            .checked_mul(item.quantity)
+            .and_then(|line| total.checked_add(line))
+            .ok_or_else(|| {
+                ServiceError::invalid("line_items", "line_items_mismatch", "line items overflow")
+            })?;
+    }
+    if total != amount.minor() {
+        return Err(ServiceError::invalid(
+            "line_items",
+            "line_items_mismatch",
+            format!(
+                "line items add up to {total}, not to the amount {}",
+                amount.minor()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn money(amount: i64, currency: &str) -> ServiceResult<Money> {
+    let currency = Currency::parse(currency)
+        .map_err(|e| ServiceError::invalid("currency", e.code(), e.to_string()))?;
+    Money::new(amount, currency)
+        .map_err(|e| ServiceError::invalid("amount", e.code(), e.to_string()))
+}
+
+/// The stored charge's money (it was validated when created).
+fn charge_money(c: &ChargeRecord, amount: i64) -> ServiceResult<Money> {
+    money(amount, &c.currency)
+}
+
+fn processor_unavailable(e: ProcessorError) -> ServiceError {
+    ServiceError::Unavailable(e.to_string())
+}
+
+impl Vault {
+    fn charge_event(&self, c: &ChargeRecord, event_type: &str) -> EventRecord {
+        new_event(&c.merchant_id, event_type, &charge_object(c))
+    }
+
+    /// Opens a saved card's number for a processor call.
+    pub(crate) async fn open_card(&self, ctx: &Context, card: &CardRecord) -> ServiceResult<Pan> {
+        let plain = self
+            .keyring
+            .open(
+                KeyOwner::Merchant(ctx.merchant_id()),
+                &card.id,
+                &card.pan_ciphertext,
+            )
+            .await?;
+        let digits = Zeroizing::new(
+            String::from_utf8(plain.to_vec())
+                .map_err(|_| ServiceError::Internal("sealed card is not UTF-8".into()))?,
+        );
+        Pan::parse(&digits).map_err(|_| ServiceError::Internal("sealed card does not parse".into()))
+    }
+
+    /// Creates a charge and runs the authorization.
+    #[tracing::instrument(skip_all)]
+    pub async fn create_charge(
+        &self,
+        ctx: &Context,
+        new: NewCharge,
+    ) -> ServiceResult<ChargeRecord> {
+        let amount = money(new.amount, &new.currency)?;
+        if let Some(d) = &new.description {
+            check_text("description", d, 500)?;
+        }
+        check_metadata(&new.metadata)?;
+        if let Some(items) = &new.line_items {
+            check_line_items(items, amount)?;
+        }
+        let customer = self
+            .storage
+            .get_customer(ctx.merchant_id(), &new.customer)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
+        let card_id = match (&new.card, &customer.default_card_id) {
+            (Some(card), _) => card.clone(),
+            (None, Some(default)) => default.clone(),
+            (None, None) => {
+                return Err(ServiceError::invalid(
+                    "card",
+                    "customer_has_no_card",
+                    "the customer has no default card; pass card",
+                ))
+            }
+        };
+        let card = self
+            .storage
+            .get_card(ctx.merchant_id(), &card_id)
+            .await?
+            .filter(|c| c.customer_id == customer.id)
+            .ok_or_else(|| ServiceError::not_found("card", "card"))?;
+        if self.payments.require_verified_cards && card.status != "verified" {
+            return Err(ServiceError::invalid(
+                "card",
+                "card_not_verified",
+                "this merchant requires verified cards; verify the card first",
+            ));
+        }
+        // Opened before anything is written or spent: an HSM outage fails
+        // the request cleanly (503) instead of leaving a charge behind.
+        let pan = self.open_card(ctx, &card).await?;
+        // Everything is validated: only now is a token spent.
+        let token = match &new.token {
+            Some(t) => Some(self.cvc_token_for(ctx, t, &card).await?),
+            None => None,
+        };
+        let at = now();
+        let mut charge = ChargeRecord {
+            id: new_id("ch"),
+            merchant_id: ctx.merchant_id().to_string(),
+            customer_id: customer.id.clone(),
+            card_id: card.id.clone(),
+            amount: amount.minor(),
+            currency: amount.currency().code().to_string(),
+            status: STATUS_PROCESSING.to_string(),
+            captured: false,
+            amount_captured: 0,
+            amount_refunded: 0,
+            capture_requested: new.capture,
+            failure_code: None,
+            failure_message: None,
+            next_action: None,
+            description: new.description,
+            metadata: new.metadata,
+            line_items: new.line_items.unwrap_or_default(),
+            processor: self.processor.name().to_string(),
+            processor_ref: None,
+            version: 0,
+            created_at: at,
+            updated_at: at,
+        };
+        let mut audit = ctx.audit("charge.create", Some(&charge.id), "success");
+        audit.detail = Some(format!(
+            "last4={} amount={} {}",
+            card.last4, charge.amount, charge.currency
+        ));
+        self.storage.insert_charge(&charge, &[], &audit).await?;
+        let cvc = token.as_ref().and_then(|t| t.cvc.as_ref());
+        self.authorize_charge(ctx, &mut charge, &card, pan, cvc.map(|c| c.as_str()))
+            .await?;
+        Ok(charge)
+    }
+
+    /// Takes a CVV token and checks it belongs to `card`.
+    async fn cvc_token_for(
+        &self,
+        ctx: &Context,
+        token: &str,
+        card: &CardRecord,
+    ) -> ServiceResult<TokenContents> {
+        let contents = self.take_token(ctx, token).await?;
+        if contents.card_id.as_deref() != Some(card.id.as_str()) || contents.cvc.is_none() {
+            return Err(ServiceError::invalid(
+                "token",
+                "token_card_mismatch",
+                "this token is not a CVV token for the charge's card",
+            ));
+        }
+        Ok(contents)
+    }
+
+    /// Calls the processor and stores the outcome (one transaction with its
+    /// event and audit entry). `charge` is updated in place.
+    async fn authorize_charge(
+        &self,
+        ctx: &Context,
+        charge: &mut ChargeRecord,
+        card: &CardRecord,
+        pan: Pan,
+        cvc: Option<&str>,
+    ) -> ServiceResult<()> {
+        let amount = charge_money(charge, charge.amount)?;
+        let result = self
+            .processor
+            .authorize(&AuthorizeRequest {
+                card: PaymentCard {
+                    pan: &pan,
+                    exp_month: card.exp_month,
+                    exp_year: card.exp_year,
+                    holder_name: card.holder_name.as_deref(),
+                    cvc,
+                },
+                amount: Some(amount),
+                capture: charge.capture_requested,
+                stored_credential: cvc.is_none(),
+                reference: &charge.id,
+            })
+            .await;
+        drop(pan);
+        let expected = charge.version;
+        charge.version += 1;
+        charge.updated_at = now();
+        charge.next_action = None;
+        charge.failure_code = None;
+        charge.failure_message = None;
+        let event_type = match result {
+            Ok(AuthOutcome::Approved { reference }) => {
+                charge.status = STATUS_SUCCEEDED.to_string();
+                charge.processor_ref = Some(reference);
+                if charge.capture_requested {
+                    charge.captured = true;
+                    charge.amount_captured = charge.amount;
+                }
+                "charge.succeeded"
+            }
+            Ok(AuthOutcome::Declined { code, message }) => {
+                charge.status = STATUS_FAILED.to_string();
+                charge.failure_code = Some(code);
+                charge.failure_message = Some(message);
+                "charge.failed"
+            }
+            Ok(AuthOutcome::CvcRequired) if cvc.is_none() => {
+                charge.status = STATUS_PENDING.to_string();
+                charge.next_action = Some(NEXT_PROVIDE_CVC.to_string());
+                "charge.pending"
+            }
+            Ok(AuthOutcome::CvcRequired) => {
+                charge.status = STATUS_FAILED.to_string();
+                charge.failure_code = Some("incorrect_cvc".to_string());
+                charge.failure_message = Some("the issuer did not accept the CVV".to_string());
+                "charge.failed"
+            }
+            Err(ProcessorError::Unknown(cause)) => {
+                // The processor may have charged the card: never retry
+                // blindly. The charge stays pending for reconciliation.
+                tracing::warn!(charge = %charge.id, %cause, "processor outcome unknown");
+                charge.status = STATUS_PENDING.to_string();
+                charge.failure_code = Some("processor_unavailable".to_string());
+                charge.failure_message = Some(
+                    "the processor did not answer; the outcome will be reconciled".to_string(),
+                );
+                "charge.pending"
+            }
+            Err(ProcessorError::Failed(cause)) => {
+                tracing::warn!(charge = %charge.id, %cause, "processor error");
+                charge.status = STATUS_FAILED.to_string();
+                charge.failure_code = Some("processing_error".to_string());
+                charge.failure_message =
+                    Some("the processor could not process the charge".to_string());
+                "charge.failed"
+            }
+        };
+        let event = self.charge_event(charge, event_type);
+        let mut audit = ctx.audit("charge.authorize", Some(&charge.id), "success");
+        audit.detail = Some(format!("status={}", charge.status));
+        self.storage
+            .update_charge(charge, expected, None, &[event], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))
+    }
+
+    /// Takes the charge for one processor call: bumps its version (and, for
+    /// an authorization, marks it `processing`) before the processor is
+    /// called, so that of two concurrent captures, refunds, cancels or
+    /// confirms only one reaches the processor; the other gets a 409.
+    async fn claim_charge(
+        &self,
+        ctx: &Context,
+        charge: &mut ChargeRecord,
+        event: &str,
+        processing: bool,
+    ) -> ServiceResult<()> {
+        let expected = charge.version;
+        let mut claimed = charge.clone();
+        claimed.version += 1;
+        claimed.updated_at = now();
+        if processing {
+            claimed.status = STATUS_PROCESSING.to_string();
+        }
+        let audit = ctx.audit(event, Some(&charge.id), "attempt");
+        self.storage
+            .update_charge(&claimed, expected, None, &[], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))?;
+        *charge = claimed;
+        Ok(())
+    }
+
+    fn state_conflict(&self, e: StorageError) -> ServiceError {
+        match e {
+            StorageError::Conflict(_) => ServiceError::invalid_state(
+                "charge_changed",
+                "the charge was changed by another request; fetch it and retry",
+            ),
+            other => other.into(),
+        }
+    }
+
+    pub async fn get_charge(&self, ctx: &Context, id: &str) -> ServiceResult<ChargeRecord> {
+        self.storage
+            .get_charge(ctx.merchant_id(), id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("charge", "charge"))
+    }
+
+    pub async fn list_charges(
+        &self,
+        ctx: &Context,
+        customer: Option<&str>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> ServiceResult<Page<ChargeRecord>> {
+        match self
+            .storage
+            .list_charges(ctx.merchant_id(), customer, limit, starting_after)
+            .await
+        {
+            Err(StorageError::NotFound) => Err(ServiceError::not_found("charge", "starting_after")),
+            other => Ok(other?),
+        }
+    }
+
+    /// Completes a charge waiting for the CVV, with a CVV token of its card.
+    #[tracing::instrument(skip_all)]
+    pub async fn confirm_charge(
+        &self,
+        ctx: &Context,
+        id: &str,
+        token: &str,
+    ) -> ServiceResult<ChargeRecord> {
+        let mut charge = self.get_charge(ctx, id).await?;
+        if charge.status != STATUS_PENDING
+            || charge.next_action.as_deref() != Some(NEXT_PROVIDE_CVC)
+        {
+            return Err(ServiceError::invalid_state(
+                "charge_not_awaiting_cvc",
+                format!("only a charge pending with next_action provide_cvc can be confirmed; this one is {}", charge_object(&charge)["status"].as_str().unwrap_or("")),
+            ));
+        }
+        let card = self
+            .storage
+            .get_card(ctx.merchant_id(), &charge.card_id)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::invalid_state("card_deleted", "the charge's card was deleted")
+            })?;
+        let pan = self.open_card(ctx, &card).await?;
+        let contents = self.cvc_token_for(ctx, token, &card).await?;
+        self.claim_charge(ctx, &mut charge, "charge.confirm", true)
+            .await?;
+        let cvc = contents.cvc.as_ref().map(|c| c.as_str());
+        self.authorize_charge(ctx, &mut charge, &card, pan, cvc)
+            .await?;
+        drop(contents);
+        Ok(charge)
+    }
+
+    /// Captures an authorized charge, fully or partly.
+    pub async fn capture_charge(
+        &self,
+        ctx: &Context,
+        id: &str,
+        amount: Option<i64>,
+    ) -> ServiceResult<ChargeRecord> {
+        let mut charge = self.get_charge(ctx, id).await?;
+        if charge.captured {
+            return Err(ServiceError::invalid_state(
+                "charge_already_captured",
+                "this charge was already captured",
+            ));
+        }
+        if charge.status != STATUS_SUCCEEDED {
+            return Err(ServiceError::invalid_state(
+                "charge_not_capturable",
+                "only an authorized (succeeded, uncaptured) charge can be captured",
+            ));
+        }
+        let amount = amount.unwrap_or(charge.amount);
+        if amount <= 0 || amount > charge.amount {
+            return Err(ServiceError::invalid(
+                "amount",
+                "invalid_capture_amount",
+                format!(
+                    "amount must be between 1 and the authorized {}",
+                    charge.amount
+                ),
+            ));
+        }
+        let money = charge_money(&charge, amount)?;
+        self.claim_charge(ctx, &mut charge, "charge.capture", false)
+            .await?;
+        let reference = charge.processor_ref.clone().unwrap_or_default();
+        self.processor
+            .capture(&reference, money)
+            .await
+            .map_err(processor_unavailable)?;
+        let expected = charge.version;
+        charge.version += 1;
+        charge.updated_at = now();
+        charge.captured = true;
+        charge.amount_captured = amount;
+        let event = self.charge_event(&charge, "charge.captured");
+        let mut audit = ctx.audit("charge.capture", Some(&charge.id), "success");
+        audit.detail = Some(format!("amount={amount}"));
+        self.storage
+            .update_charge(&charge, expected, None, &[event], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))?;
+        Ok(charge)
+    }
+
+    /// Refunds part or all of what was captured and not yet refunded.
+    pub async fn refund_charge(
+        &self,
+        ctx: &Context,
+        id: &str,
+        amount: Option<i64>,
+    ) -> ServiceResult<(ChargeRecord, RefundRecord)> {
+        let mut charge = self.get_charge(ctx, id).await?;
+        if !charge.captured {
+            return Err(ServiceError::invalid_state(
+                "charge_not_captured",
+                "only a captured charge can be refunded; cancel an uncaptured one",
+            ));
+        }
+        let remaining = charge.amount_captured - charge.amount_refunded;
+        if remaining <= 0 {
+            return Err(ServiceError::invalid_state(
+                "charge_already_refunded",
+                "this charge is fully refunded",
+            ));
+        }
+        let amount = amount.unwrap_or(remaining);
+        if amount <= 0 {
+            return Err(ServiceError::invalid(
+                "amount",
+                "invalid_amount",
+                "amount must be positive",
+            ));
+        }
+        if amount > remaining {
+            return Err(ServiceError::invalid(
+                "amount",
+                "refund_exceeds_captured",
+                format!("at most {remaining} can still be refunded"),
+            ));
+        }
+        let money = charge_money(&charge, amount)?;
+        self.claim_charge(ctx, &mut charge, "charge.refund", false)
+            .await?;
+        let reference = charge.processor_ref.clone().unwrap_or_default();
+        self.processor
+            .refund(&reference, money)
+            .await
+            .map_err(processor_unavailable)?;
+        let expected = charge.version;
+        charge.version += 1;
+        charge.updated_at = now();
+        charge.amount_refunded += amount;
+        let refund = RefundRecord {
+            id: new_id("re"),
+            merchant_id: charge.merchant_id.clone(),
+            charge_id: charge.id.clone(),
+            amount,
+            status: STATUS_SUCCEEDED.to_string(),
+            created_at: charge.updated_at,
+        };
+        let event = self.charge_event(&charge, "charge.refunded");
+        let mut audit = ctx.audit("charge.refund", Some(&charge.id), "success");
+        audit.detail = Some(format!("amount={amount} refund={}", refund.id));
+        self.storage
+            .update_charge(&charge, expected, Some(&refund), &[event], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))?;
+        Ok((charge, refund))
+    }
+
+    /// Voids an uncaptured authorization, or abandons a charge waiting for
+    /// the CVV.
+    pub async fn cancel_charge(&self, ctx: &Context, id: &str) -> ServiceResult<ChargeRecord> {
+        let mut charge = self.get_charge(ctx, id).await?;
+        if charge.captured {
+            return Err(ServiceError::invalid_state(
+                "charge_already_captured",
+                "a captured charge cannot be canceled; refund it instead",
+            ));
+        }
+        let awaiting_cvc = charge.status == STATUS_PENDING && charge.next_action.is_some();
+        if charge.status == STATUS_SUCCEEDED || awaiting_cvc {
+            self.claim_charge(ctx, &mut charge, "charge.cancel", false)
+                .await?;
+        }
+        if charge.status == STATUS_SUCCEEDED {
+            let reference = charge.processor_ref.clone().unwrap_or_default();
+            self.processor
+                .void(&reference)
+                .await
+                .map_err(processor_unavailable)?;
+        } else if !awaiting_cvc {
+            return Err(ServiceError::invalid_state(
+                "charge_not_cancelable",
+                "only an uncaptured authorization or a charge awaiting the CVV can be canceled",
+            ));
+        }
+        let expected = charge.version;
+        charge.version += 1;
+        charge.updated_at = now();
+        charge.status = STATUS_CANCELED.to_string();
+        charge.next_action = None;
+        let event = self.charge_event(&charge, "charge.canceled");
+        let audit = ctx.audit("charge.cancel", Some(&charge.id), "success");
+        self.storage
+            .update_charge(&charge, expected, None, &[event], &audit)
+            .await
+            .map_err(|e| self.state_conflict(e))?;
+        Ok(charge)
+    }
+
+    pub async fn list_refunds(
+        &self,
+        ctx: &Context,
+        charge_id: &str,
+    ) -> ServiceResult<Vec<RefundRecord>> {
+        Ok(self
+            .storage
+            .list_refunds(ctx.merchant_id(), charge_id)
+            .await?)
+    }
+}

@@ -1,0 +1,225 @@
+//! The `http` processor against a fake processor on 127.0.0.1: it receives
+//! the PAN and the CVV, while nothing merchant-facing does; a processor that
+//! hangs leaves the charge pending, and a retry with the same idempotency
+//! key does not charge again.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cardvault::crypto::CryptoMode;
+use rand::Rng;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::matrix;
+use crate::support::*;
+
+#[derive(Default)]
+struct Fake {
+    hang: bool,
+    /// (path, body) of every request.
+    requests: Vec<(String, String)>,
+}
+
+async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
+    let state = Arc::new(Mutex::new(Fake::default()));
+    let s = Arc::clone(&state);
+    let app = axum::Router::new().route(
+        "/{op}",
+        axum::routing::post(
+            move |axum::extract::Path(op): axum::extract::Path<String>, body: String| {
+                let state = Arc::clone(&s);
+                async move {
+                    let hang = {
+                        let mut st = state.lock().unwrap();
+                        st.requests.push((op.clone(), body));
+                        st.hang
+                    };
+                    if hang {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    let answer = if op == "authorize" {
+                        json!({"status": "approved", "reference": "fp_0001"})
+                    } else {
+                        json!({"ok": true})
+                    };
+                    axum::Json(answer)
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), state)
+}
+
+/// A Luhn-valid Visa number no other test uses.
+pub fn random_visa() -> String {
+    let mut rng = rand::thread_rng();
+    let mut digits: Vec<u32> = vec![4];
+    while digits.len() < 15 {
+        digits.push(rng.gen_range(0..10));
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    digits.push((10 - sum % 10) % 10);
+    digits
+        .iter()
+        .map(|d| char::from_digit(*d, 10).unwrap())
+        .collect()
+}
+
+fn authorizations(fake: &Arc<Mutex<Fake>>) -> Vec<String> {
+    fake.lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|(op, _)| op == "authorize")
+        .map(|(_, b)| b.clone())
+        .collect()
+}
+
+async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mode: CryptoMode) {
+    let (url, fake) = fake_processor().await;
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.processor = "http".to_string();
+        cfg.payments.http.url = url.clone();
+        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
+        cfg.payments.http.timeout_ms = 1000;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let pan = random_visa();
+    let cvc = "837";
+    let cus = app.customer(&m.sk, "http@example.com").await;
+    let card = app.card(&m.sk, &cus, &pan).await;
+    let card_id = card["id"].as_str().unwrap();
+    let (s, tok) = app
+        .post("/v1/tokens", &m.pk, json!({"card": card_id, "cvc": cvc}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{tok}");
+
+    let mut merchant_facing: Vec<String> = vec![card.to_string(), tok.to_string()];
+    let (s, ch) = app
+        .post("/v1/charges", &m.sk, json!({"amount": 5000, "currency": "usd", "customer": cus, "token": tok["id"], "capture": false}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ch}");
+    assert_eq!(ch["status"], "succeeded", "{ch}");
+    assert_eq!(ch["processor"], "http");
+    merchant_facing.push(ch.to_string());
+    let id = ch["id"].as_str().unwrap().to_string();
+    let auths = authorizations(&fake);
+    assert_eq!(auths.len(), 1);
+    let sent: Value = serde_json::from_str(&auths[0]).unwrap();
+    assert_eq!(
+        sent["card"]["number"],
+        pan.as_str(),
+        "the processor gets the PAN"
+    );
+    assert_eq!(
+        sent["card"]["cvc"], cvc,
+        "and the CVV given for this charge"
+    );
+    assert_eq!(sent["amount"], 5000);
+    assert_eq!(sent["reference"], id.as_str());
+    let (s, c) = app
+        .post(&format!("/v1/charges/{id}/capture"), &m.sk, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    merchant_facing.push(c.to_string());
+    let (s, r) = app
+        .post(
+            &format!("/v1/charges/{id}/refunds"),
+            &m.sk,
+            json!({"amount": 100}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+
+    // A processor that hangs: the charge is pending (outcome unknown), and
+    // retrying with the same idempotency key does not authorize again.
+    fake.lock().unwrap().hang = true;
+    let body = json!({"amount": 777, "currency": "usd", "customer": cus});
+    let (s, p1, _) = app
+        .call_with_headers(
+            Method::POST,
+            "/v1/charges",
+            &m.sk,
+            body.clone(),
+            &[("Idempotency-Key", "order-9")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p1}");
+    assert_eq!(p1["status"], "pending");
+    assert_eq!(p1["failure_code"], "processor_unavailable");
+    assert!(p1["next_action"].is_null());
+    let (s, p2, headers) = app
+        .call_with_headers(
+            Method::POST,
+            "/v1/charges",
+            &m.sk,
+            body.clone(),
+            &[("Idempotency-Key", "order-9")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p2}");
+    assert_eq!(p2["id"], p1["id"], "the same charge, replayed");
+    assert_eq!(
+        headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    assert_eq!(
+        authorizations(&fake).len(),
+        2,
+        "one authorization per charge, none for the retry"
+    );
+    let (_, all) = app.get(&format!("/v1/charges?customer={cus}"), &m.sk).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 2);
+    merchant_facing.push(p1.to_string());
+
+    let (_, events) = app.get("/v1/events?limit=100", &m.sk).await;
+    merchant_facing.push(events.to_string());
+    assert!(events.to_string().contains("charge.pending"));
+    for text in &merchant_facing {
+        assert!(
+            !text.contains(&pan),
+            "PAN in a merchant-facing body: {text}"
+        );
+        assert!(
+            !text.contains(&format!("\"{cvc}\"")),
+            "CVV in a merchant-facing body: {text}"
+        );
+    }
+    let logs = captured_logs();
+    assert!(!logs.contains(&pan), "PAN in the logs");
+    assert!(
+        !logs.contains(&format!("\"cvc\":\"{cvc}\"")),
+        "CVV in the logs"
+    );
+    assert_eq!(
+        crate::charges::live_token_payloads(&app).await,
+        0,
+        "the CVV did not survive the authorization"
+    );
+}
+matrix!(http_processor_gets_the_card_and_nobody_else_does);
