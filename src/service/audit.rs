@@ -23,6 +23,8 @@ pub const REQUIRED_EVENTS: &[(&str, &[&str])] = &[
     ("card delete", &["card.delete"]),
     ("customer create", &["customer.create"]),
     ("customer delete", &["customer.delete"]),
+    ("token use", &["token.use"]),
+    ("charges", &["charge.create", "charge.authorize"]),
     ("failed authentication", &["auth.failure"]),
     ("scope denial", &["auth.scope_denied", "card.reveal:denied"]),
     ("key creation", &["key.create"]),

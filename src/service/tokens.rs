@@ -199,9 +199,10 @@ impl Vault {
                 "no such token",
             ));
         }
+        let audit = ctx.audit("token.use", Some(id), "success");
         let token = match self
             .storage
-            .take_token(ctx.merchant_id(), id, now())
+            .take_token(ctx.merchant_id(), id, now(), &audit)
             .await?
         {
             None => {

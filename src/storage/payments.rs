@@ -182,11 +182,13 @@ pub trait TokenStore: Send + Sync {
     async fn insert_token(&self, token: &TokenRecord, audit: &AuditEntry) -> StorageResult<()>;
     /// Marks a live token used and removes its payload, returning it; `None`
     /// when the merchant has no such token.
+    /// `audit` (the token's use) is appended in the same transaction.
     async fn take_token(
         &self,
         merchant_id: &str,
         id: &str,
         now: i64,
+        audit: &AuditEntry,
     ) -> StorageResult<Option<TokenTake>>;
     /// Removes the payloads of expired tokens and deletes tokens long past
     /// their expiry. Returns how many payloads were purged.

@@ -469,6 +469,7 @@ macro_rules! impl_payment_stores {
                 merchant_id: &str,
                 id: &str,
                 now: i64,
+                audit: &AuditEntry,
             ) -> StorageResult<Option<TokenTake>> {
                 let mut tx = $begin(self).await?;
                 let row: Option<TokenRow> = sqlx::query_as(&$q(concat!(
@@ -507,6 +508,7 @@ macro_rules! impl_payment_stores {
                 if done.rows_affected() != 1 {
                     return Ok(Some(TokenTake::Used));
                 }
+                $audit(&mut tx, &self.sealer, audit).await?;
                 tx.commit().await.map_err($err)?;
                 Ok(Some(TokenTake::Taken(token)))
             }

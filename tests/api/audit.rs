@@ -246,6 +246,19 @@ pub async fn scripted_session(app: &mut TestApp) -> Vec<String> {
         .post(&format!("/v1/cards/{card_id}/reveal"), &m.sk, json!({}))
         .await;
     assert_eq!(s, StatusCode::OK);
+    // A one-time CVV token used by a charge.
+    let (s, tok) = app
+        .post("/v1/tokens", &m.pk, json!({"card": card_id, "cvc": "123"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{tok}");
+    let (s, ch) = app
+        .post(
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": 1500, "currency": "BRL", "customer": cus, "card": card_id, "token": tok["id"]}),
+        )
+        .await;
+    assert!(s.is_success(), "{ch}");
     // Failed authentication: a wrong key and a missing one.
     let (s, _) = app.get("/v1/customers", "sk_live_not_a_key").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
