@@ -445,3 +445,45 @@ pub(super) fn into_page<T>(mut rows: Vec<T>, limit: u32) -> super::Page<T> {
         has_more,
     }
 }
+
+/// A row of `audit_log` with its chain columns.
+#[derive(sqlx::FromRow)]
+pub(super) struct ChainDbRow {
+    seq: i64,
+    at: i64,
+    actor: String,
+    merchant_id: Option<String>,
+    event: String,
+    resource: Option<String>,
+    outcome: String,
+    origin: Option<String>,
+    request_id: Option<String>,
+    detail: Option<String>,
+    prev_hash: Option<Vec<u8>>,
+    hash: Option<Vec<u8>>,
+    mac: Option<Vec<u8>>,
+    mac_key_id: Option<String>,
+}
+
+impl From<ChainDbRow> for super::chain::ChainRow {
+    fn from(r: ChainDbRow) -> Self {
+        super::chain::ChainRow {
+            seq: r.seq,
+            entry: AuditEntry {
+                at: r.at,
+                actor: r.actor,
+                merchant_id: r.merchant_id,
+                event: r.event,
+                resource: r.resource,
+                outcome: r.outcome,
+                origin: r.origin,
+                request_id: r.request_id,
+                detail: r.detail,
+            },
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+            mac: r.mac,
+            mac_key_id: r.mac_key_id,
+        }
+    }
+}

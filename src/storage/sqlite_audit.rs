@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
-use super::common::{api_key_columns, data_key_columns, ApiKeyRow, DataKeyRow, MerchantRow};
+use super::common::{
+    api_key_columns, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow, MerchantRow,
+};
 use super::sqlite::db_err;
 use super::{
     AdminStore, ApiKeyRecord, AuditChainStore, AuditEntry, AuditSealer, DataKeyRecord,
@@ -121,47 +123,6 @@ impl SqliteStorage {
         .await
         .map_err(db_err)?;
         Ok(())
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct ChainDbRow {
-    seq: i64,
-    at: i64,
-    actor: String,
-    merchant_id: Option<String>,
-    event: String,
-    resource: Option<String>,
-    outcome: String,
-    origin: Option<String>,
-    request_id: Option<String>,
-    detail: Option<String>,
-    prev_hash: Option<Vec<u8>>,
-    hash: Option<Vec<u8>>,
-    mac: Option<Vec<u8>>,
-    mac_key_id: Option<String>,
-}
-
-impl From<ChainDbRow> for ChainRow {
-    fn from(r: ChainDbRow) -> Self {
-        ChainRow {
-            seq: r.seq,
-            entry: AuditEntry {
-                at: r.at,
-                actor: r.actor,
-                merchant_id: r.merchant_id,
-                event: r.event,
-                resource: r.resource,
-                outcome: r.outcome,
-                origin: r.origin,
-                request_id: r.request_id,
-                detail: r.detail,
-            },
-            prev_hash: r.prev_hash,
-            hash: r.hash,
-            mac: r.mac,
-            mac_key_id: r.mac_key_id,
-        }
     }
 }
 
