@@ -487,3 +487,12 @@ impl From<ChainDbRow> for super::chain::ChainRow {
         }
     }
 }
+
+/// Whether a connection going back to the pool may be handed out again. A
+/// request cancelled while its transaction was starting (a client hanging
+/// up during `BEGIN IMMEDIATE`'s wait for the write lock) can leave the
+/// connection inside a transaction; it is closed instead (the database
+/// rolls back), or the next transaction on it would fail.
+pub(super) fn reusable(conn: &impl sqlx::Connection) -> bool {
+    !conn.is_in_transaction()
+}

@@ -73,6 +73,7 @@ impl PgStorage {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(|conn, _| Box::pin(async move { Ok(common::reusable(conn)) }))
             .connect_with(options)
             .await
             .map_err(db_err)?;

@@ -1399,3 +1399,26 @@ fn database_names_are_replaced_in_urls() {
         "postgres://u@h/cv_1"
     );
 }
+
+/// A connection that goes back to the pool still inside a transaction (its
+/// request was cancelled while the transaction was starting) is closed, not
+/// handed to the next caller, whose transaction would then fail.
+#[tokio::test]
+async fn connections_left_in_a_transaction_are_not_reused() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("vault.db").display());
+    // One connection, so the next acquire would get the same one back.
+    let storage = SqliteStorage::connect(&url, 1).await.unwrap();
+    storage.migrate().await.unwrap();
+    {
+        let mut conn = storage.pool().acquire().await.unwrap();
+        let tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        // What a cancelled future leaves behind: no commit, no rollback.
+        std::mem::forget(tx);
+        assert!(conn.is_in_transaction());
+    }
+    let mut tx = storage.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
