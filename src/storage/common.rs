@@ -449,16 +449,8 @@ pub(super) fn into_page<T>(mut rows: Vec<T>, limit: u32) -> super::Page<T> {
 /// A row of `audit_log` with its chain columns.
 #[derive(sqlx::FromRow)]
 pub(super) struct ChainDbRow {
-    seq: i64,
-    at: i64,
-    actor: String,
-    merchant_id: Option<String>,
-    event: String,
-    resource: Option<String>,
-    outcome: String,
-    origin: Option<String>,
-    request_id: Option<String>,
-    detail: Option<String>,
+    #[sqlx(flatten)]
+    base: AuditDbRow,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
     mac: Option<Vec<u8>>,
@@ -467,19 +459,10 @@ pub(super) struct ChainDbRow {
 
 impl From<ChainDbRow> for super::chain::ChainRow {
     fn from(r: ChainDbRow) -> Self {
+        let AuditRow { seq, entry } = r.base.into();
         super::chain::ChainRow {
-            seq: r.seq,
-            entry: AuditEntry {
-                at: r.at,
-                actor: r.actor,
-                merchant_id: r.merchant_id,
-                event: r.event,
-                resource: r.resource,
-                outcome: r.outcome,
-                origin: r.origin,
-                request_id: r.request_id,
-                detail: r.detail,
-            },
+            seq,
+            entry,
             prev_hash: r.prev_hash,
             hash: r.hash,
             mac: r.mac,
