@@ -49,12 +49,23 @@ impl Principal {
     }
 }
 
-/// A newly created merchant and its keys, shown once.
-#[derive(Debug, serde::Serialize)]
+/// A newly created merchant and its keys, shown once (serialized for the
+/// operator; `Debug` never prints the secret key).
+#[derive(serde::Serialize)]
 pub struct NewMerchant {
     pub merchant_id: String,
     pub secret_key: String,
     pub publishable_key: String,
+}
+
+impl std::fmt::Debug for NewMerchant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewMerchant")
+            .field("merchant_id", &self.merchant_id)
+            .field("secret_key", &"<redacted>")
+            .field("publishable_key", &self.publishable_key)
+            .finish()
+    }
 }
 
 #[derive(Default)]
@@ -190,5 +201,20 @@ impl KeyCache {
             }
         }
         map.insert(hash, (principal, Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn new_merchant_debug_hides_the_secret_key() {
+        let m = super::NewMerchant {
+            merchant_id: "mer_1".into(),
+            secret_key: "sk_live_SECRETVALUE".into(),
+            publishable_key: "pk_live_x".into(),
+        };
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("SECRETVALUE"), "{shown}");
+        assert!(shown.contains("mer_1"));
     }
 }
