@@ -62,12 +62,35 @@ pub(crate) fn initialize(ctx: &Pkcs11) -> Result<(), HsmError> {
 /// behind our back. Serialized through the registry lock.
 pub(crate) fn reinitialize(ctx: &Pkcs11) -> Result<(), HsmError> {
     let _contexts = registry();
+    let _table = slot_table();
     initialize(ctx)
 }
 
+/// Proof that the caller holds the process-wide slot-table lock.
+///
+/// SoftHSM 2.6 keeps its slots in an unlocked `std::map`: `C_GetSlotList`
+/// adds the spare uninitialized slot whenever none is left, so two threads
+/// listing slots right after a `C_InitToken` both add one under the same id
+/// and the library aborts the process (`SlotManager::insertToken`
+/// assertion); any slot lookup (`C_GetTokenInfo`, `C_OpenSession`) racing
+/// that insert reads a map being rebalanced. Every call that reads or changes
+/// the slot table, and `C_Finalize`/`C_Initialize` (which replace it), runs
+/// under this lock. Lock order: the module registry before this lock.
+pub(crate) struct SlotTable(#[allow(dead_code)] MutexGuard<'static, ()>);
+
+pub(crate) fn slot_table() -> SlotTable {
+    static LOCK: Mutex<()> = Mutex::new(());
+    SlotTable(LOCK.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
 /// The slot holding the initialized token labelled `label`, looked up afresh
-/// (slot numbers are not stable across token insertions or restarts).
-pub(crate) fn find_token_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, HsmError> {
+/// (slot numbers are not stable across token insertions or restarts). The
+/// caller holds the slot-table lock.
+pub(crate) fn find_token_slot(
+    _table: &SlotTable,
+    ctx: &Pkcs11,
+    label: &str,
+) -> Result<Option<Slot>, HsmError> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| HsmError::from_cryptoki("C_GetSlotList", &e))?;
@@ -135,6 +158,7 @@ pub(crate) fn sole_user(key: &Path) -> bool {
 /// session of the old incarnation will be used again.
 pub(crate) fn restart(ctx: &Pkcs11) -> Result<(), HsmError> {
     let _contexts = registry();
+    let _table = slot_table();
     if let Err(e) = ctx.clone().finalize() {
         tracing::debug!(error = %e, "C_Finalize before re-initialization failed");
     }

@@ -369,6 +369,7 @@ impl Pkcs11Custodian {
 
     /// Opens a R/W session on the token and logs in as User.
     fn open_session(&self, known_slot: Option<Slot>) -> Result<(Session, Slot), Failure> {
+        let table = context::slot_table();
         let slot = match known_slot {
             // A cached slot number is only trusted after its label is checked:
             // another token may have taken the number.
@@ -382,13 +383,14 @@ impl Pkcs11Custodian {
                 }
                 slot
             }
-            None => context::find_token_slot(&self.ctx, &self.token_label)?
+            None => context::find_token_slot(&table, &self.ctx, &self.token_label)?
                 .ok_or_else(|| self.token_not_found())?,
         };
         let session = self
             .ctx
             .open_rw_session(slot)
             .map_err(ck("C_OpenSession"))?;
+        drop(table);
         match session.login(UserType::User, Some(&self.pin.auth_pin())) {
             // Login state is per token per application: another session of
             // this process may have logged in already.
@@ -676,6 +678,7 @@ fn confirm_miss(ctx: &Pkcs11, lease: &Lease) -> Result<(), Failure> {
         SessionState::RwUser | SessionState::RoUser => {}
         _ => return Err(not_logged_in()),
     }
+    let _table = context::slot_table();
     ctx.get_token_info(lease.slot)
         .map_err(ck("C_GetTokenInfo"))?;
     Ok(())

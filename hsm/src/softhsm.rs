@@ -17,7 +17,6 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 
 use cryptoki::session::UserType;
 
@@ -35,10 +34,6 @@ const MODULE_CANDIDATES: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
     "/usr/local/lib/softhsm/libsofthsm2.so",
 ];
-
-/// Serializes token creation: concurrent `C_InitToken`s race for the one
-/// free slot SoftHSM offers.
-static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// The first SoftHSM module found in the usual install locations. Does not
 /// read `CARDVAULT_PKCS11_MODULE`; configuration handles that.
@@ -122,9 +117,11 @@ pub fn init_token(
             "token label must be 1 to 32 bytes",
         ));
     }
-    let _one_at_a_time = INIT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let ctx = context::shared(module)?;
-    if context::find_token_slot(&ctx, label)?.is_some() {
+    // One token creation at a time, and no other slot-table call meanwhile
+    // (see `context::SlotTable`).
+    let table = context::slot_table();
+    if context::find_token_slot(&table, &ctx, label)?.is_some() {
         return Ok(());
     }
     let mut free = None;
@@ -148,7 +145,7 @@ pub fn init_token(
     ctx.init_token(free, &so_pin.auth_pin(), label)
         .map_err(|e| HsmError::from_cryptoki("C_InitToken", &e))?;
     // SoftHSM renumbers slots once a token is initialized: find it again.
-    let slot = context::find_token_slot(&ctx, label)?.ok_or_else(|| {
+    let slot = context::find_token_slot(&table, &ctx, label)?.ok_or_else(|| {
         HsmError::new(
             "init token",
             HsmErrorKind::Internal,

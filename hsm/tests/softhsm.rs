@@ -380,6 +380,52 @@ fn concurrent_ensure_key_creates_one_key() {
     assert_eq!(c.inventory().unwrap().len(), 1);
 }
 
+/// SoftHSM's C_GetSlotList adds the spare uninitialized slot without a lock:
+/// two threads listing slots just after a C_InitToken both add it under the
+/// same slot id and the library aborts the process (`SlotManager::insertToken`
+/// assertion). Token creation and lookups racing from many threads must not
+/// get there.
+#[test]
+fn concurrent_token_creation_and_lookup() {
+    let base = fresh_token("race-base");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lookups: Vec<_> = (0..6)
+        .map(|_| {
+            let (base, done) = (base.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !done.load(Ordering::SeqCst) {
+                    // A lookup of a missing label is little more than
+                    // C_GetSlotList: the densest way to race token creation.
+                    let err = Pkcs11Custodian::connect(config("race-missing")).unwrap_err();
+                    assert_eq!(err.kind(), HsmErrorKind::TokenNotFound, "{err}");
+                    n += 1;
+                }
+                custodian(&base).health().unwrap();
+                n
+            })
+        })
+        .collect();
+    let makers: Vec<_> = (0..2)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..12 {
+                    custodian(&fresh_token(&format!("race{t}-{i}")))
+                        .health()
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in makers {
+        t.join().unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    for t in lookups {
+        assert!(t.join().unwrap() > 0);
+    }
+}
+
 #[test]
 fn gcm_hmac_random_and_destroy() {
     let label = fresh_token("ops");
