@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--backends sqlite,postgres] [--modes envelope,hsm]
-//!     [--scenarios healthz,add_card,get_card,list_cards,reveal]
+//!     [--scenarios healthz,add_card,get_card,list_cards,reveal,charge]
 //!     [--connections 64] [--seconds 10] [--max-requests 200000]
 //! ```
 //! Only ever targets 127.0.0.1. Exits on its own.
@@ -39,9 +39,16 @@ fn options() -> Options {
     let mut o = Options {
         backends: vec!["sqlite".into(), "postgres".into()],
         modes: vec!["envelope".into(), "hsm".into()],
-        scenarios: ["healthz", "add_card", "get_card", "list_cards", "reveal"]
-            .map(String::from)
-            .to_vec(),
+        scenarios: [
+            "healthz",
+            "add_card",
+            "get_card",
+            "list_cards",
+            "reveal",
+            "charge",
+        ]
+        .map(String::from)
+        .to_vec(),
         connections: 64,
         seconds: 10,
         max_requests: 500_000,
@@ -191,42 +198,50 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Fixtures every scenario may use: customers (one per connection) each
-/// with one card.
+/// Fixtures: per connection, a wallet customer with three saved cards
+/// (read by get_card, list_cards, reveal and charge) and a customer that
+/// add_card fills, so listings stay the size a real wallet has.
 struct Fixture {
-    customers: Vec<String>,
-    cards: Vec<(String, String)>,
+    /// (wallet customer, its first card, the customer add_card adds to)
+    conns: Vec<(String, String, String)>,
 }
 
 async fn provision(c: &reqwest::Client, base: &str, sk: &str, n: usize) -> Fixture {
-    let mut customers = Vec::new();
-    let mut cards = Vec::new();
-    for i in 0..n {
-        let v: Value = c
-            .post(format!("{base}/v1/customers"))
-            .bearer_auth(sk)
-            .json(&json!({"email": format!("load{i}@example.com")}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let cus = v["id"].as_str().unwrap().to_string();
-        let card: Value = c
-            .post(format!("{base}/v1/customers/{cus}/cards"))
-            .bearer_auth(sk)
-            .json(&json!({"number": luhn_pan("4000", 9_000_000_000 + i as u64), "exp_month": 12, "exp_year": 2031}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        cards.push((cus.clone(), card["id"].as_str().unwrap().to_string()));
-        customers.push(cus);
+    let post = |path: String, body: Value| {
+        let req = c.post(format!("{base}{path}")).bearer_auth(sk).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            assert!(r.status().is_success(), "provisioning {}", r.status());
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let mut conns = Vec::new();
+    for i in 0..n as u64 {
+        let wallet = post(
+            "/v1/customers".into(),
+            json!({"email": format!("wallet{i}@example.com")}),
+        )
+        .await;
+        let wallet = wallet["id"].as_str().unwrap().to_string();
+        let mut first = String::new();
+        for k in 0..3u64 {
+            let card = post(
+                format!("/v1/customers/{wallet}/cards"),
+                json!({"number": luhn_pan("4000", 9_000_000_000 + i * 10 + k), "exp_month": 12, "exp_year": 2031}),
+            )
+            .await;
+            if k == 0 {
+                first = card["id"].as_str().unwrap().to_string();
+            }
+        }
+        let sink = post(
+            "/v1/customers".into(),
+            json!({"email": format!("sink{i}@example.com")}),
+        )
+        .await;
+        conns.push((wallet, first, sink["id"].as_str().unwrap().to_string()));
     }
-    Fixture { customers, cards }
+    Fixture { conns }
 }
 
 struct Outcome {
@@ -256,8 +271,7 @@ async fn run_scenario(
             sk.to_string(),
             name.to_string(),
         );
-        let (cus, card) = fx.cards[i % fx.cards.len()].clone();
-        let _ = &fx.customers;
+        let (cus, card, sink) = fx.conns[i % fx.conns.len()].clone();
         let budget = Arc::clone(&budget);
         let pans = Arc::clone(pan_counter);
         tasks.push(tokio::spawn(async move {
@@ -275,7 +289,7 @@ async fn run_scenario(
                     "healthz" => c.get(format!("{base}/healthz")),
                     "add_card" => {
                         let n = pans.fetch_add(1, Ordering::Relaxed);
-                        c.post(format!("{base}/v1/customers/{cus}/cards"))
+                        c.post(format!("{base}/v1/customers/{sink}/cards"))
                             .bearer_auth(&sk)
                             .json(&json!({"number": luhn_pan("4000", 1_000_000_000 + n), "exp_month": 12, "exp_year": 2031}))
                     }
@@ -288,6 +302,11 @@ async fn run_scenario(
                     "reveal" => c
                         .post(format!("{base}/v1/cards/{card}/reveal"))
                         .bearer_auth(&sk),
+                    // A sandbox authorization and capture of the saved card.
+                    "charge" => c
+                        .post(format!("{base}/v1/charges"))
+                        .bearer_auth(&sk)
+                        .json(&json!({"amount": 1999, "currency": "USD", "customer": cus, "card": card})),
                     other => panic!("unknown scenario {other}"),
                 };
                 match req.send().await {
@@ -314,6 +333,31 @@ async fn run_scenario(
         elapsed: started.elapsed(),
         latencies_us,
     }
+}
+
+/// The server's `/metrics` counters (loopback only).
+async fn counters(c: &reqwest::Client, base: &str) -> std::collections::HashMap<String, u64> {
+    let text = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn delta(
+    after: &std::collections::HashMap<String, u64>,
+    before: &std::collections::HashMap<String, u64>,
+    name: &str,
+) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -350,8 +394,8 @@ fn main() {
             let base = format!("https://localhost:{}", server.port);
             let pid = server.child.id();
             println!("\n## {backend} / {mode}\n");
-            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |");
-            println!("|---|---|---|---|---|---|---|---|---|");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
             rt.block_on(async {
                 let clients: Vec<_> = (0..opts.connections)
                     .map(|_| client(&cert, server.port))
@@ -360,13 +404,27 @@ fn main() {
                 let pans = Arc::new(AtomicU64::new(0));
                 let mut healthz = None;
                 for s in &opts.scenarios {
+                    let before = counters(&clients[0], &base).await;
                     let o = run_scenario(s, &clients, &base, &sk, &fx, &opts, &pans).await;
+                    let after = counters(&clients[0], &base).await;
+                    let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
+                    let units = delta(&after, &before, "cardvault_db_write_units_total");
+                    let batches = delta(&after, &before, "cardvault_db_write_batches_total");
+                    let per_commit = if batches == 0 {
+                        "-".to_string()
+                    } else {
+                        format!("{:.1}", units as f64 / batches as f64)
+                    };
                     let mut l = o.latencies_us;
                     l.sort_unstable();
                     let rps = o.requests as f64 / o.elapsed.as_secs_f64();
                     if s == "healthz" {
                         healthz = Some(rps);
                     }
+                    assert!(
+                        !opts.smoke || mode != "envelope" || hsm == 0,
+                        "{s}: {hsm} HSM operations in envelope mode"
+                    );
                     assert!(
                         !opts.smoke || (o.errors == 0 && o.requests > 0),
                         "{s}: {} errors",
@@ -376,12 +434,13 @@ fn main() {
                         .map(|h| format!("{:.0}%", 100.0 * rps / h))
                         .unwrap_or_else(|| "-".into());
                     println!(
-                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} |",
+                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {:.0} |",
                         pct(&l, 0.50),
                         pct(&l, 0.90),
                         pct(&l, 0.99),
                         l.last().copied().unwrap_or(0) as f64 / 1000.0,
                         o.errors,
+                        hsm as f64 / o.requests.max(1) as f64,
                         peak_rss_kib(pid) as f64 / 1024.0
                     );
                 }

@@ -48,6 +48,8 @@ pub struct Config {
     /// Key life cycle: cryptoperiods and maintenance (issue 6).
     pub keys: KeysConfig,
     pub payments: PaymentsConfig,
+    /// Hosted card-capture and CVV re-collect pages (issue 7).
+    pub hosted: HostedConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -176,6 +178,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             keys: KeysConfig::default(),
             payments: PaymentsConfig::default(),
+            hosted: HostedConfig::default(),
         }
     }
 }
@@ -310,6 +313,9 @@ impl Config {
         if let Some(v) = get("CARDVAULT_LOG_FORMAT") {
             self.log.format = v;
         }
+        if let Some(v) = get("CARDVAULT_PUBLIC_URL") {
+            self.hosted.public_url = Some(v);
+        }
         Ok(())
     }
 
@@ -367,6 +373,7 @@ impl Config {
             ));
         }
         self.payments.validate()?;
+        self.hosted.validate()?;
         if self.limits.max_body_bytes < 1024 || self.limits.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_body_bytes must be at least 1024 and max_connections at least 1"
@@ -395,6 +402,68 @@ impl Config {
             .key
             .clone()
             .unwrap_or_else(|| self.data_dir.join("tls").join("key.pem"))
+    }
+}
+
+/// Shortest and longest life of a hosted capture session or CVV link.
+pub const MIN_HOSTED_TTL_SECS: u64 = 60;
+pub const MAX_HOSTED_TTL_SECS: u64 = 60 * 60;
+
+/// The hosted pages: card capture in the merchant's iframe, CVV re-collect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostedConfig {
+    /// The `https://host[:port]` browsers reach this vault at (behind a load
+    /// balancer: its public name). Hosted page URLs are built from it and
+    /// page requests must come from it. Default: `https://<listen address>`
+    /// with the bound port, which needs a listen address browsers can reach
+    /// (not 0.0.0.0 or ::).
+    pub public_url: Option<String>,
+    /// Life of a capture session when the merchant gives no `expires_in`
+    /// (60 to 3600 seconds; `expires_in` is held to the same bounds).
+    pub capture_session_ttl_secs: u64,
+    /// How long a CVV re-collect link stays valid once shown (60 to 3600
+    /// seconds); it always dies when the charge stops waiting for the CVV.
+    pub cvc_link_ttl_secs: u64,
+}
+
+impl Default for HostedConfig {
+    fn default() -> Self {
+        HostedConfig {
+            public_url: None,
+            capture_session_ttl_secs: 15 * 60,
+            cvc_link_ttl_secs: 15 * 60,
+        }
+    }
+}
+
+impl HostedConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let range = MIN_HOSTED_TTL_SECS..=MAX_HOSTED_TTL_SECS;
+        if !range.contains(&self.capture_session_ttl_secs)
+            || !range.contains(&self.cvc_link_ttl_secs)
+        {
+            return Err(ConfigError::Insecure(format!(
+                "hosted.capture_session_ttl_secs and hosted.cvc_link_ttl_secs must be between \
+                 {MIN_HOSTED_TTL_SECS} and {MAX_HOSTED_TTL_SECS}"
+            )));
+        }
+        if let Some(url) = &self.public_url {
+            Self::parse_public_url(url)?;
+        }
+        Ok(())
+    }
+
+    /// Parses a public URL: an https origin, nothing after the port.
+    pub fn parse_public_url(url: &str) -> Result<crate::domain::WebOrigin, ConfigError> {
+        let origin = crate::domain::WebOrigin::parse(url)
+            .map_err(|e| ConfigError::Invalid(format!("hosted.public_url {e}")))?;
+        if !origin.is_https() {
+            return Err(ConfigError::Insecure(
+                "hosted.public_url must be https:// (the vault serves nothing else)".to_string(),
+            ));
+        }
+        Ok(origin)
     }
 }
 
@@ -572,6 +641,38 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         let bad = c.apply_env(|k| (k == "CARDVAULT_CRYPTO_MODE").then(|| "plain".to_string()));
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn hosted_settings_are_checked() {
+        let mut c = Config {
+            dev: true,
+            ..Config::default()
+        };
+        c.hosted.public_url = Some("https://vault.example.com:8443".to_string());
+        c.validate().unwrap();
+        for bad in [
+            "http://vault.example.com",
+            "http://127.0.0.1:8443",
+            "https://vault.example.com/",
+            "https://vault.example.com/v1",
+            "vault.example.com",
+        ] {
+            c.hosted.public_url = Some(bad.to_string());
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        c.hosted.public_url = None;
+        c.hosted.capture_session_ttl_secs = 59;
+        assert!(matches!(c.validate(), Err(ConfigError::Insecure(_))));
+        c.hosted.capture_session_ttl_secs = 3601;
+        assert!(c.validate().is_err());
+        c.hosted.capture_session_ttl_secs = 900;
+        c.hosted.cvc_link_ttl_secs = 0;
+        assert!(c.validate().is_err());
+        c.hosted.cvc_link_ttl_secs = 900;
+        c.apply_env(|k| (k == "CARDVAULT_PUBLIC_URL").then(|| "https://v.example".to_string()))
+            .unwrap();
+        assert_eq!(c.hosted.public_url.as_deref(), Some("https://v.example"));
     }
 
     #[test]

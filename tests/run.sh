@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (SoftHSM, a running
-# PostgreSQL at 127.0.0.1:5432), then runs every test of the workspace on
-# SQLite and PostgreSQL in both crypto modes.
+# PostgreSQL at 127.0.0.1:5432, Debian's chromium and a pinned
+# playwright-core), runs every test of the workspace on SQLite and
+# PostgreSQL in both crypto modes, then the hosted pages' end-to-end tests
+# in headless Chromium against the debug binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +31,24 @@ if ! psql -h 127.0.0.1 -U postgres -d test -c 'select 1' >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --all-targets
+
+# The hosted capture and CVV pages in a real browser. Debian's chromium is
+# driven by playwright-core, pinned in tests/browser/package-lock.json; no
+# browser is downloaded. Screenshots land in target/screenshots/.
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium ..." >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "installing nodejs ..." >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+  echo "the browser tests need Node.js 20 or newer (found $(node --version))" >&2
+  exit 1
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+cargo build --bin cardvault
+CHROMIUM_PATH="$(command -v chromium)" node --test --test-concurrency=1 tests/browser/hosted.test.mjs

@@ -189,7 +189,11 @@ pub async fn create(
     };
     let vault = state.vault.clone();
     let charge = detached(async move { vault.create_charge(&ctx, new).await }).await?;
-    Ok((StatusCode::CREATED, Json(charge_object(&charge))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(state.vault.charge_json(&charge).await),
+    )
+        .into_response())
 }
 
 pub async fn get(
@@ -200,7 +204,7 @@ pub async fn get(
     path_id("ch", &id, "charge", "charge")?;
     let charge = state.vault.get_charge(&ctx, &id).await?;
     let refunds = state.vault.list_refunds(&ctx, &id).await?;
-    let mut out = charge_object(&charge);
+    let mut out = state.vault.charge_json(&charge).await;
     out["refunds"] = json!({
         "object": "list",
         "data": refunds.iter().map(refund_object).collect::<Vec<_>>(),
@@ -228,9 +232,13 @@ pub async fn list(
             params.starting_after.as_deref(),
         )
         .await?;
+    let mut data = Vec::with_capacity(page.data.len());
+    for charge in &page.data {
+        data.push(state.vault.charge_json(charge).await);
+    }
     Ok(Json(json!({
         "object": "list",
-        "data": page.data.iter().map(charge_object).collect::<Vec<_>>(),
+        "data": data,
         "has_more": page.has_more,
     })))
 }
@@ -245,7 +253,7 @@ pub async fn confirm(
     let vault = state.vault.clone();
     let charge =
         detached(async move { vault.confirm_charge(&ctx, &id, &body.token).await }).await?;
-    Ok(Json(charge_object(&charge)))
+    Ok(Json(state.vault.charge_json(&charge).await))
 }
 
 pub async fn capture(

@@ -2,12 +2,14 @@
 //! idempotency, access log), DTOs and handlers. Handlers translate between
 //! JSON and the service layer and nothing else.
 
+mod capture_sessions;
 mod cards;
 mod charges;
 mod customers;
 pub mod error;
 mod events;
 mod extract;
+pub mod hosted;
 mod idempotency;
 mod payments;
 mod tokens;
@@ -62,6 +64,8 @@ pub fn router(state: AppState) -> Router {
             get(cards::get).patch(cards::update).delete(cards::delete),
         )
         .route("/v1/cards/{card}/reveal", post(cards::reveal))
+        .route("/v1/capture_sessions", post(capture_sessions::create))
+        .route("/v1/capture_sessions/{session}", get(capture_sessions::get))
         .route("/v1/charges", post(charges::create).get(charges::list))
         .route("/v1/charges/{charge}", get(charges::get))
         .route("/v1/charges/{charge}/confirm", post(charges::confirm))
@@ -113,8 +117,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .merge(public)
+        .merge(hosted::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_id))
@@ -150,6 +156,7 @@ async fn request_id(req: Request, next: Next) -> Response {
     // could be one are masked.
     let path = error::mask_digit_runs(&req.uri().path().chars().take(200).collect::<String>());
     let started = Instant::now();
+    REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut resp = error::REQUEST_ID.scope(id.clone(), next.run(req)).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("request-id", v);
@@ -256,6 +263,54 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Requests answered since start (every route, `/metrics` included).
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Only loopback peers may read `/metrics`; a request without a known
+/// peer may not.
+fn metrics_allowed(peer: Option<&PeerAddr>) -> bool {
+    peer.is_some_and(|p| p.0.ip().is_loopback())
+}
+
+/// Prometheus text-format counters. Only a client on the loopback interface
+/// (a local scraper or sidecar) gets them; to anyone else the route does not
+/// exist. No counter carries a merchant, card or key identifier.
+async fn metrics(State(state): State<AppState>, req: Request) -> Response {
+    if !metrics_allowed(req.extensions().get::<PeerAddr>()) {
+        return not_found().await.into_response();
+    }
+    let (hsm, batches, units) = state.vault.counters();
+    let requests = REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "cardvault_http_requests_total",
+            "HTTP requests answered.",
+            requests,
+        ),
+        (
+            "cardvault_hsm_operations_total",
+            "Operations sent to the HSM (key loads, wraps, and in hsm mode every seal and open).",
+            hsm,
+        ),
+        (
+            "cardvault_db_write_batches_total",
+            "Group-commit transactions committed.",
+            batches,
+        ),
+        (
+            "cardvault_db_write_units_total",
+            "Write units committed in those transactions.",
+            units,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     let (db, hsm) = state.vault.readiness().await;
     let ok = db.is_ok() && hsm.is_ok();
@@ -280,4 +335,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
         })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{metrics_allowed, PeerAddr};
+
+    #[test]
+    fn metrics_are_for_loopback_peers_only() {
+        let peer = |a: &str| PeerAddr(a.parse().unwrap());
+        assert!(metrics_allowed(Some(&peer("127.0.0.1:5000"))));
+        assert!(metrics_allowed(Some(&peer("[::1]:5000"))));
+        assert!(!metrics_allowed(Some(&peer("10.1.2.3:5000"))));
+        assert!(!metrics_allowed(Some(&peer("[2001:db8::1]:5000"))));
+        assert!(!metrics_allowed(None));
+    }
 }

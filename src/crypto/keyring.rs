@@ -198,6 +198,8 @@ pub struct Keyring {
     cache: RwLock<Cache>,
     /// Serializes key creation so concurrent first uses make one key.
     create_lock: tokio::sync::Mutex<()>,
+    /// HSM operations made so far (for `/metrics` and the load tool).
+    hsm_operations: std::sync::atomic::AtomicU64,
 }
 
 impl Keyring {
@@ -212,7 +214,14 @@ impl Keyring {
             cfg,
             cache: RwLock::new(Cache::default()),
             create_lock: tokio::sync::Mutex::new(()),
+            hsm_operations: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many HSM operations this keyring has made since it was built.
+    pub fn hsm_operations(&self) -> u64 {
+        self.hsm_operations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn mode(&self) -> CryptoMode {
@@ -457,6 +466,8 @@ impl Keyring {
         T: Send + 'static,
         F: FnOnce(&dyn KeyCustodian) -> Result<T, HsmError> + Send + 'static,
     {
+        self.hsm_operations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let custodian = Arc::clone(&self.custodian);
         tokio::task::spawn_blocking(move || f(custodian.as_ref()))
             .await

@@ -467,6 +467,66 @@ impl Brand {
     pub fn is_valid_length(self, len: usize) -> bool {
         self.valid_lengths().iter().any(|&l| usize::from(l) == len)
     }
+
+    /// The name shown to cardholders, e.g. `"American Express"`.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Brand::Visa => "Visa",
+            Brand::Mastercard => "Mastercard",
+            Brand::Amex => "American Express",
+            Brand::Discover => "Discover",
+            Brand::Diners => "Diners Club",
+            Brand::Jcb => "JCB",
+            Brand::UnionPay => "UnionPay",
+            Brand::Maestro => "Maestro",
+            Brand::Elo => "Elo",
+            Brand::Hipercard => "Hipercard",
+            Brand::Cabal => "Cabal",
+            Brand::Naranja => "Naranja",
+            Brand::Carnet => "Carnet",
+            Brand::Unknown => "Card",
+        }
+    }
+}
+
+/// A detection rule as plain data: the first `len` digits, read as a
+/// number, in `lo..=hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PrefixRange {
+    pub len: usize,
+    pub lo: u32,
+    pub hi: u32,
+}
+
+/// Every rule of [`Brand::detect`] in its order (first match wins), for
+/// clients that detect the brand while the number is typed (the hosted
+/// capture page): one table, so the browser and the vault always agree.
+/// Carnet's scattered 5061xx-5064xx prefixes are listed one by one.
+pub fn detection_table() -> Vec<(Brand, Vec<PrefixRange>)> {
+    RULES
+        .iter()
+        .map(|&(brand, ranges)| {
+            let mut out: Vec<PrefixRange> = Vec::new();
+            if brand == Brand::Carnet {
+                for &(block, tails) in CARNET_506 {
+                    for &tail in tails {
+                        let six = block * 100 + u32::from(tail);
+                        out.push(PrefixRange {
+                            len: 6,
+                            lo: six,
+                            hi: six,
+                        });
+                    }
+                }
+            }
+            out.extend(ranges.iter().map(|r| PrefixRange {
+                len: r.len,
+                lo: r.lo,
+                hi: r.hi,
+            }));
+            (brand, out)
+        })
+        .collect()
 }
 
 impl fmt::Display for Brand {
@@ -604,6 +664,45 @@ mod tests {
         for &(prefix, want) in cases {
             assert_eq!(Brand::detect(prefix), want, "prefix {prefix}");
         }
+    }
+
+    /// The exported table, applied the way the capture page's script does,
+    /// gives the same brand as [`Brand::detect`] for every prefix length.
+    #[test]
+    fn detection_table_agrees_with_detect() {
+        let table = detection_table();
+        let by_table = |digits: &str| -> Brand {
+            for (brand, ranges) in &table {
+                let hit = ranges.iter().any(|r| {
+                    digits.len() >= r.len
+                        && digits[..r.len]
+                            .parse::<u32>()
+                            .is_ok_and(|v| (r.lo..=r.hi).contains(&v))
+                });
+                if hit {
+                    return *brand;
+                }
+            }
+            Brand::Unknown
+        };
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..200_000 {
+            // xorshift: deterministic, no dependency.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = 1 + (seed % 8) as usize;
+            let digits: String = (0..len)
+                .map(|i| char::from(b'0' + ((seed >> (i * 4)) % 10) as u8))
+                .collect();
+            assert_eq!(by_table(&digits), Brand::detect(&digits), "{digits}");
+        }
+        for prefix in [
+            "506199", "506468", "63737423", "622126", "401178", "4", "5555",
+        ] {
+            assert_eq!(by_table(prefix), Brand::detect(prefix), "{prefix}");
+        }
+        assert!(Brand::ALL.iter().all(|b| !b.display_name().is_empty()));
     }
 
     #[test]

@@ -52,16 +52,23 @@ pub mod prefix {
     pub const PUBLISHABLE_KEY_TEST: &str = "pk_test";
 }
 
-/// `prefix` + `_` + `n` uniform base62 characters from the OS CSPRNG.
-/// A trailing `_` on `prefix` is not doubled.
+/// `prefix` + `_` + `n` uniform base62 characters from a ChaCha CSPRNG
+/// seeded with 32 bytes from the OS (one `getrandom` call, where sampling
+/// the OS generator directly would make one per character). A trailing `_`
+/// on `prefix` is not doubled.
 fn random_with_prefix(prefix: &str, n: usize) -> String {
+    use rand::SeedableRng;
     let prefix = prefix.trim_end_matches('_');
     let mut out = String::with_capacity(prefix.len() + 1 + n);
     out.push_str(prefix);
     out.push('_');
     // `Alphanumeric` samples [A-Za-z0-9] uniformly (rejection sampling, no
     // modulo bias).
-    out.extend(OsRng.sample_iter(&Alphanumeric).take(n).map(char::from));
+    // Sampling `OsRng` directly panics the same way when the OS generator
+    // fails; a vault cannot go on without one.
+    let rng = rand::rngs::StdRng::from_rng(OsRng)
+        .unwrap_or_else(|e| panic!("the OS random number generator failed: {e}"));
+    out.extend(rng.sample_iter(&Alphanumeric).take(n).map(char::from));
     out
 }
 

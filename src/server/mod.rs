@@ -24,7 +24,7 @@ use tower::ServiceExt;
 
 use crate::api::{self, AppState, PeerAddr};
 use crate::config::{Config, Limits};
-use crate::service::Vault;
+use crate::service::{HostedSettings, Vault};
 
 /// A built, bound, not yet serving vault.
 pub struct Application {
@@ -55,8 +55,7 @@ impl Application {
 
     /// Like [`Application::build`] around an already wired vault (tests use
     /// it to bring their own HSM token).
-    pub async fn build_with_vault(cfg: Config, vault: Vault) -> anyhow::Result<Application> {
-        let vault = Arc::new(vault);
+    pub async fn build_with_vault(cfg: Config, mut vault: Vault) -> anyhow::Result<Application> {
         if cfg.dev && cfg.tls.cert.is_none() {
             tls::ensure_dev_certificate(&cfg.tls_cert_path(), &cfg.tls_key_path())?;
         }
@@ -64,6 +63,8 @@ impl Application {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("bind {}", cfg.listen))?;
+        vault.set_hosted(hosted_settings(&cfg, listener.local_addr()?)?);
+        let vault = Arc::new(vault);
         let limits = Arc::new(cfg.limits.clone());
         let router = api::router(AppState {
             vault: Arc::clone(&vault),
@@ -212,6 +213,28 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// The hosted pages' settings: the public URL configured, or the one the
+/// bound address gives (only when browsers can reach that address).
+fn hosted_settings(cfg: &Config, bound: SocketAddr) -> anyhow::Result<HostedSettings> {
+    let public_url = match &cfg.hosted.public_url {
+        Some(url) => crate::config::HostedConfig::parse_public_url(url)?.to_string(),
+        None if bound.ip().is_unspecified() => anyhow::bail!(
+            "the vault listens on {bound}, which is not an address browsers can use: \
+             set hosted.public_url (CARDVAULT_PUBLIC_URL) to the https origin they reach it at"
+        ),
+        None => crate::config::HostedConfig::parse_public_url(&format!("https://{bound}"))
+            .with_context(|| {
+                format!("no hosted.public_url, and https://{bound} is not a usable origin")
+            })?
+            .to_string(),
+    };
+    Ok(HostedSettings {
+        public_url,
+        capture_session_ttl_secs: cfg.hosted.capture_session_ttl_secs,
+        cvc_link_ttl_secs: cfg.hosted.cvc_link_ttl_secs,
+    })
 }
 
 /// Signs audit checkpoints and runs key maintenance on their intervals.

@@ -1,5 +1,6 @@
 //! Background workers started with the server: the token sweeper (purges
-//! the sealed payloads of expired tokens) and the webhook delivery loop.
+//! the sealed payloads of expired tokens, deletes day-old capture sessions)
+//! and the webhook delivery loop.
 //! Both are safe to run on every node: their database updates are
 //! idempotent, and a delivery is at-least-once.
 
@@ -29,6 +30,11 @@ impl Workers {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(purged = n, "expired tokens purged"),
                         Err(e) => tracing::warn!(error = %e, "token sweep failed"),
+                    }
+                    match vault.sweep_capture_sessions().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "old capture sessions deleted"),
+                        Err(e) => tracing::warn!(error = %e, "capture session sweep failed"),
                     }
                 }
             })

@@ -30,7 +30,7 @@ pub struct RevealedCard {
     pub exp_year: i64,
 }
 
-fn today() -> (i32, u8) {
+pub(super) fn today() -> (i32, u8) {
     year_month(time::OffsetDateTime::now_utc().date())
 }
 
@@ -123,6 +123,37 @@ impl Vault {
         {
             return Err(ServiceError::not_found("customer", "customer"));
         }
+        let card = self
+            .seal_card(ctx, customer_id, &pan, exp, holder_name)
+            .await?;
+        drop(pan);
+        let mut audit = ctx.audit("card.create", Some(&card.id), "success");
+        audit.detail = Some(format!("last4={}", card.last4));
+        match self.storage.insert_card(&card, &audit).await {
+            Ok(CardInsert::Created { default }) => Ok((
+                CardView {
+                    card,
+                    is_default: default,
+                },
+                true,
+            )),
+            Ok(CardInsert::Existing(existing)) => Ok((self.card_view(ctx, existing).await?, false)),
+            Err(StorageError::NotFound) => Err(ServiceError::not_found("customer", "customer")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The record of a new card: fingerprinted and sealed under the
+    /// merchant's keys, ready to insert. Nothing is written.
+    #[tracing::instrument(skip_all)]
+    pub(super) async fn seal_card(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+        pan: &Pan,
+        exp: Expiry,
+        holder_name: Option<String>,
+    ) -> ServiceResult<CardRecord> {
         let fingerprint = self
             .keyring
             .fingerprint(ctx.merchant_id(), pan.digits().as_bytes())
@@ -160,20 +191,7 @@ impl Vault {
             status: "active".to_string(),
             created_at: now(),
         };
-        let mut audit = ctx.audit("card.create", Some(&id), "success");
-        audit.detail = Some(format!("last4={}", card.last4));
-        match self.storage.insert_card(&card, &audit).await {
-            Ok(CardInsert::Created { default }) => Ok((
-                CardView {
-                    card,
-                    is_default: default,
-                },
-                true,
-            )),
-            Ok(CardInsert::Existing(existing)) => Ok((self.card_view(ctx, existing).await?, false)),
-            Err(StorageError::NotFound) => Err(ServiceError::not_found("customer", "customer")),
-            Err(e) => Err(e.into()),
-        }
+        Ok(card)
     }
 
     /// A card of this customer (another customer's or merchant's is 404).
@@ -183,8 +201,12 @@ impl Vault {
         customer_id: &str,
         card_id: &str,
     ) -> ServiceResult<CardView> {
-        let card = self.own_card(ctx, customer_id, card_id).await?;
-        self.card_view(ctx, card).await
+        self.storage
+            .get_card_view(ctx.merchant_id(), card_id)
+            .await?
+            .filter(|(c, _)| c.customer_id == customer_id)
+            .map(|(card, is_default)| CardView { card, is_default })
+            .ok_or_else(|| ServiceError::not_found("card", "card"))
     }
 
     async fn own_card(
@@ -205,21 +227,23 @@ impl Vault {
         ctx: &Context,
         customer_id: &str,
     ) -> ServiceResult<Vec<CardView>> {
-        let customer = self
-            .storage
-            .get_customer(ctx.merchant_id(), customer_id)
-            .await?
-            .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
         let cards = self
             .storage
-            .list_cards(ctx.merchant_id(), customer_id)
+            .list_card_views(ctx.merchant_id(), customer_id)
             .await?;
+        // No cards: an empty wallet, or not this merchant's customer.
+        if cards.is_empty()
+            && self
+                .storage
+                .get_customer(ctx.merchant_id(), customer_id)
+                .await?
+                .is_none()
+        {
+            return Err(ServiceError::not_found("customer", "customer"));
+        }
         Ok(cards
             .into_iter()
-            .map(|card| {
-                let is_default = customer.default_card_id.as_deref() == Some(card.id.as_str());
-                CardView { card, is_default }
-            })
+            .map(|(card, is_default)| CardView { card, is_default })
             .collect())
     }
 

@@ -39,16 +39,26 @@ pub const STATUS_PENDING: &str = "pending";
 pub const STATUS_SUCCEEDED: &str = "succeeded";
 pub const STATUS_FAILED: &str = "failed";
 pub const STATUS_CANCELED: &str = "canceled";
-const NEXT_PROVIDE_CVC: &str = "provide_cvc";
+pub(crate) const NEXT_PROVIDE_CVC: &str = "provide_cvc";
 
-/// The public JSON of a charge.
+/// The public JSON of a charge, without the CVV page's link (see
+/// [`Vault::charge_json`] for the one with it).
 pub fn charge_object(c: &ChargeRecord) -> Value {
+    charge_object_with(c, None)
+}
+
+/// The public JSON of a charge. While it waits for the CVV, `next_action`
+/// offers the API route (`confirm_url`, with a CVV token) and, when given,
+/// the hosted CVV page (`hosted_url`) to send the cardholder to.
+pub fn charge_object_with(c: &ChargeRecord, link: Option<&super::hosted::CvcLink>) -> Value {
     let next_action = c.next_action.as_ref().map(|t| {
         json!({
             "type": t,
             "provide_cvc": {
                 "confirm_url": format!("/v1/charges/{}/confirm", c.id),
                 "card": c.card_id,
+                "hosted_url": link.map(|l| l.url.as_str()),
+                "hosted_url_expires_at": link.map(|l| l.expires_at),
             }
         })
     });
@@ -205,6 +215,18 @@ fn processor_unavailable(e: ProcessorError) -> ServiceError {
 impl Vault {
     fn charge_event(&self, c: &ChargeRecord, event_type: &str) -> EventRecord {
         new_event(&c.merchant_id, event_type, &charge_object(c))
+    }
+
+    /// A charge event whose data carries the CVV page's link when the
+    /// charge now waits for the CVV (so a webhook receiver can send the
+    /// cardholder there).
+    async fn charge_event_with_link(&self, c: &ChargeRecord, event_type: &str) -> EventRecord {
+        let link = self.cvc_link_or_none(c).await;
+        new_event(
+            &c.merchant_id,
+            event_type,
+            &charge_object_with(c, link.as_ref()),
+        )
     }
 
     /// Opens a saved card's number for a processor call.
@@ -412,7 +434,7 @@ impl Vault {
                 "charge.failed"
             }
         };
-        let event = self.charge_event(charge, event_type);
+        let event = self.charge_event_with_link(charge, event_type).await;
         let mut audit = ctx.audit("charge.authorize", Some(&charge.id), "success");
         audit.detail = Some(format!("status={}", charge.status));
         self.storage
@@ -490,10 +512,51 @@ impl Vault {
         id: &str,
         token: &str,
     ) -> ServiceResult<ChargeRecord> {
-        let mut charge = self.get_charge(ctx, id).await?;
-        if charge.status != STATUS_PENDING
-            || charge.next_action.as_deref() != Some(NEXT_PROVIDE_CVC)
-        {
+        let (mut charge, card) = self.charge_awaiting_cvc(ctx, id).await?;
+        let pan = self.open_card(ctx, &card).await?;
+        let contents = self.cvc_token_for(ctx, token, &card).await?;
+        self.claim_charge(ctx, &mut charge, "charge.confirm", true)
+            .await?;
+        let cvc = contents.cvc.as_ref().map(|c| c.as_str());
+        self.authorize_charge(ctx, &mut charge, &card, pan, cvc)
+            .await?;
+        drop(contents);
+        Ok(charge)
+    }
+
+    /// Completes a charge waiting for the CVV with a CVV the cardholder
+    /// just typed (the hosted CVV page): checked against the card's brand
+    /// before the charge is touched, used for this one authorization.
+    #[tracing::instrument(skip_all)]
+    pub(crate) async fn confirm_charge_with_cvc(
+        &self,
+        ctx: &Context,
+        id: &str,
+        cvc: Zeroizing<String>,
+    ) -> ServiceResult<ChargeRecord> {
+        let (mut charge, card) = self.charge_awaiting_cvc(ctx, id).await?;
+        let brand = card
+            .brand
+            .parse::<crate::domain::Brand>()
+            .unwrap_or(crate::domain::Brand::Unknown);
+        super::tokens::check_cvc(&cvc, brand)?;
+        let pan = self.open_card(ctx, &card).await?;
+        self.claim_charge(ctx, &mut charge, "charge.confirm", true)
+            .await?;
+        self.authorize_charge(ctx, &mut charge, &card, pan, Some(cvc.as_str()))
+            .await?;
+        drop(cvc);
+        Ok(charge)
+    }
+
+    /// The charge, if it waits for the CVV, and its card.
+    async fn charge_awaiting_cvc(
+        &self,
+        ctx: &Context,
+        id: &str,
+    ) -> ServiceResult<(ChargeRecord, CardRecord)> {
+        let charge = self.get_charge(ctx, id).await?;
+        if !super::hosted::awaits_cvc(&charge) {
             return Err(ServiceError::invalid_state(
                 "charge_not_awaiting_cvc",
                 format!("only a charge pending with next_action provide_cvc can be confirmed; this one is {}", charge_object(&charge)["status"].as_str().unwrap_or("")),
@@ -506,15 +569,7 @@ impl Vault {
             .ok_or_else(|| {
                 ServiceError::invalid_state("card_deleted", "the charge's card was deleted")
             })?;
-        let pan = self.open_card(ctx, &card).await?;
-        let contents = self.cvc_token_for(ctx, token, &card).await?;
-        self.claim_charge(ctx, &mut charge, "charge.confirm", true)
-            .await?;
-        let cvc = contents.cvc.as_ref().map(|c| c.as_str());
-        self.authorize_charge(ctx, &mut charge, &card, pan, cvc)
-            .await?;
-        drop(contents);
-        Ok(charge)
+        Ok((charge, card))
     }
 
     /// Captures an authorized charge, fully or partly.

@@ -8,6 +8,7 @@ mod cards;
 mod charges;
 mod customers;
 mod events;
+pub mod hosted;
 pub mod keys;
 mod tokens;
 mod verification;
@@ -18,9 +19,13 @@ use std::sync::Arc;
 pub use audit::{Finding, Tamper, Verification};
 pub use auth::{Principal, Scope};
 pub use cards::{CardView, NewCard, RevealedCard};
-pub use charges::{charge_object, refund_object, NewCharge};
+pub use charges::{charge_object, charge_object_with, refund_object, NewCharge};
 pub use customers::{CustomerPage, NewCustomer};
 pub use events::event_object;
+pub use hosted::{
+    capture_session_object, Caller, CapturePage, CapturedCard, CreatedCaptureSession, CvcLink,
+    CvcPage, HostedCard, HostedSettings, NewCaptureSession, SessionState,
+};
 pub use tokens::{token_object, NewToken};
 pub use verification::verification_object;
 
@@ -149,6 +154,7 @@ pub struct Vault {
     auth_cache: auth::KeyCache,
     pub(crate) processor: Arc<dyn Processor>,
     pub(crate) payments: PaymentsConfig,
+    pub(crate) hosted: HostedSettings,
     webhook_client: std::sync::OnceLock<reqwest::Client>,
 }
 
@@ -160,6 +166,7 @@ impl Vault {
             auth_cache: auth::KeyCache::default(),
             processor: Arc::new(SandboxProcessor),
             payments: PaymentsConfig::default(),
+            hosted: HostedSettings::default(),
             webhook_client: std::sync::OnceLock::new(),
         }
     }
@@ -185,6 +192,13 @@ impl Vault {
 
     pub fn keyring(&self) -> &Arc<Keyring> {
         &self.keyring
+    }
+
+    /// Counters for `/metrics`: HSM operations, group-commit batches and
+    /// the write units they carried.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        let (batches, units) = self.storage.group_commit_stats();
+        (self.keyring.hsm_operations(), batches, units)
     }
 
     /// Readiness: the database and the HSM both answer.

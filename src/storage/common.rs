@@ -267,6 +267,15 @@ pub(super) struct CardRow {
     created_at: i64,
 }
 
+/// A card with whether it is its customer's default (one query for the
+/// card endpoints).
+#[derive(sqlx::FromRow)]
+pub(super) struct CardViewRow {
+    #[sqlx(flatten)]
+    pub(super) card: CardRow,
+    pub(super) is_default: bool,
+}
+
 impl From<CardRow> for CardRecord {
     fn from(r: CardRow) -> Self {
         CardRecord {

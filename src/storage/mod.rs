@@ -10,8 +10,12 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+mod cards_sql;
 pub mod chain;
 mod common;
+mod group;
+pub mod hosted;
+mod hosted_sql;
 pub mod payments;
 mod payments_sql;
 mod postgres;
@@ -22,6 +26,8 @@ mod sqlite_audit;
 mod tests;
 
 pub use chain::{AuditSealer, ChainRow, Checkpoint};
+pub use group::GroupStats;
+pub use hosted::*;
 pub use payments::*;
 pub use postgres::PgStorage;
 pub use sqlite::SqliteStorage;
@@ -318,6 +324,20 @@ pub trait CardStore: Send + Sync {
         -> StorageResult<CardInsert>;
     async fn get_card(&self, merchant_id: &str, card_id: &str)
         -> StorageResult<Option<CardRecord>>;
+    /// The card and whether it is its customer's default, in one query.
+    async fn get_card_view(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+    ) -> StorageResult<Option<(CardRecord, bool)>>;
+    /// Cards of a customer, oldest first, each with whether it is the
+    /// customer's default, in one query. Empty also when the customer is
+    /// not the merchant's: tell the two apart with `get_customer`.
+    async fn list_card_views(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<(CardRecord, bool)>>;
     /// Cards of a customer, oldest first.
     async fn list_cards(
         &self,
@@ -533,6 +553,7 @@ pub trait Storage:
     + VerificationStore
     + EventStore
     + WebhookStore
+    + HostedStore
 {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;
@@ -540,6 +561,8 @@ pub trait Storage:
     async fn health(&self) -> StorageResult<()>;
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
+    /// `(batches, units)` committed by the group-commit writer so far.
+    fn group_commit_stats(&self) -> (u64, u64);
 }
 
 /// Opens the storage named by `url` (`sqlite://path` or `postgres://…`).

@@ -21,13 +21,13 @@ use super::{AuditEntry, Metadata, Page, PgStorage, SqliteStorage, StorageError, 
 /// that a second use is told "used" rather than "no such token".
 const TOKEN_TOMBSTONE_SECS: i64 = 24 * 3600;
 
-fn sqlite_sql(sql: &'static str) -> Cow<'static, str> {
+pub(super) fn sqlite_sql(sql: &'static str) -> Cow<'static, str> {
     Cow::Borrowed(sql)
 }
 
 /// Rewrites `?` placeholders as PostgreSQL's `$1, $2, …`. The statements
 /// here never contain a literal `?`.
-fn pg_sql(sql: &'static str) -> Cow<'static, str> {
+pub(super) fn pg_sql(sql: &'static str) -> Cow<'static, str> {
     let mut out = String::with_capacity(sql.len() + 16);
     let mut n = 0;
     for c in sql.chars() {
@@ -395,6 +395,54 @@ pub(super) mod lifecycle {
 macro_rules! impl_payment_stores {
     ($storage:ty, $q:path, $begin:path, $err:path, $audit:path) => {
         impl $storage {
+            /// Appends events and their webhook deliveries inside the
+            /// caller's transaction with one multi-row insert and one
+            /// fan-out per 500 events (the group-commit flush).
+            pub(super) async fn insert_event_rows(
+                conn: &mut <<Self as BackendDb>::Db as sqlx::Database>::Connection,
+                events: &[EventRecord],
+            ) -> StorageResult<()> {
+                for chunk in events.chunks(500) {
+                    let mut insert = sqlx::QueryBuilder::<<Self as BackendDb>::Db>::new(
+                        "INSERT INTO events (id, merchant_id, type, data, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(&e.id)
+                            .push_bind(&e.merchant_id)
+                            .push_bind(&e.event_type)
+                            .push_bind(&e.data)
+                            .push_bind(e.created_at);
+                    });
+                    insert
+                        .build()
+                        .persistent(false)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err($err)?;
+                    // Same fan-out as `insert_events`, for the whole chunk.
+                    let mut fan_out = sqlx::QueryBuilder::<<Self as BackendDb>::Db>::new(
+                        "INSERT INTO webhook_deliveries (event_id, endpoint_id, merchant_id, \
+                         status, attempts, next_attempt_at, updated_at) \
+                         SELECT e.id, w.id, w.merchant_id, 'pending', 0, e.created_at * 1000, \
+                         e.created_at FROM events e JOIN webhook_endpoints w \
+                         ON w.merchant_id = e.merchant_id AND (w.events LIKE '%\"*\"%' \
+                         OR w.events LIKE '%\"' || e.type || '\"%') WHERE e.id IN (",
+                    );
+                    let mut ids = fan_out.separated(", ");
+                    for e in chunk {
+                        ids.push_bind(&e.id);
+                    }
+                    ids.push_unseparated(")");
+                    fan_out
+                        .build()
+                        .persistent(false)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err($err)?;
+                }
+                Ok(())
+            }
+
             /// Appends events (and their webhook deliveries) inside `tx`.
             pub(super) async fn insert_events<'c>(
                 tx: &mut sqlx::Transaction<'c, <Self as BackendDb>::Db>,
@@ -544,7 +592,8 @@ macro_rules! impl_payment_stores {
             ) -> StorageResult<()> {
                 let metadata = encode("metadata", &c.metadata)?;
                 let line_items = encode("line_items", &c.line_items)?;
-                let mut tx = $begin(self).await?;
+                let (c, events, audit) = (c.clone(), events.to_vec(), audit.clone());
+                self.writer.run(move |batch| Box::pin(async move {
                 sqlx::query(&$q(concat!(
                     "INSERT INTO charges (",
                     charge_columns!(),
@@ -572,12 +621,15 @@ macro_rules! impl_payment_stores {
                 .bind(c.version)
                 .bind(c.created_at)
                 .bind(c.updated_at)
-                .execute(&mut *tx)
+                .execute(&mut *batch.tx)
                 .await
                 .map_err($err)?;
-                Self::insert_events(&mut tx, events).await?;
-                $audit(&mut tx, &self.sealer, audit).await?;
-                tx.commit().await.map_err($err)
+                for e in events {
+                    batch.event(e);
+                }
+                batch.audit(audit);
+                Ok(())
+                })).await
             }
 
             async fn update_charge(
@@ -588,7 +640,9 @@ macro_rules! impl_payment_stores {
                 events: &[EventRecord],
                 audit: &AuditEntry,
             ) -> StorageResult<()> {
-                let mut tx = $begin(self).await?;
+                let (c, refund, events, audit) =
+                    (c.clone(), refund.cloned(), events.to_vec(), audit.clone());
+                self.writer.run(move |batch| Box::pin(async move {
                 let done = sqlx::query(&$q(
                     "UPDATE charges SET status = ?, captured = ?, amount_captured = ?, \
                      amount_refunded = ?, failure_code = ?, failure_message = ?, next_action = ?, \
@@ -609,7 +663,7 @@ macro_rules! impl_payment_stores {
                 .bind(&c.merchant_id)
                 .bind(&c.id)
                 .bind(expected_version)
-                .execute(&mut *tx)
+                .execute(&mut *batch.tx)
                 .await
                 .map_err($err)?;
                 if done.rows_affected() != 1 {
@@ -617,7 +671,7 @@ macro_rules! impl_payment_stores {
                         "the charge changed concurrently".to_string(),
                     ));
                 }
-                if let Some(r) = refund {
+                if let Some(r) = &refund {
                     sqlx::query(&$q(
                         "INSERT INTO refunds (id, merchant_id, charge_id, amount, status, \
                          created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -628,13 +682,16 @@ macro_rules! impl_payment_stores {
                     .bind(r.amount)
                     .bind(&r.status)
                     .bind(r.created_at)
-                    .execute(&mut *tx)
+                    .execute(&mut *batch.tx)
                     .await
                     .map_err($err)?;
                 }
-                Self::insert_events(&mut tx, events).await?;
-                $audit(&mut tx, &self.sealer, audit).await?;
-                tx.commit().await.map_err($err)
+                for e in events {
+                    batch.event(e);
+                }
+                batch.audit(audit);
+                Ok(())
+                })).await
             }
 
             async fn get_charge(

@@ -10,6 +10,7 @@
 //! deadlocks.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,9 +20,10 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::common::{
     self, api_key_columns, audit_columns, card_columns, customer_columns, data_key_columns,
-    ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
-    MerchantRow,
+    ApiKeyRow, AuditDbRow, CardRow, CardViewRow, CustomerJson, CustomerRow, DataKeyRow,
+    IdempotencyRow, MerchantRow,
 };
+use super::group::{GroupBackend, GroupCommit, Tx};
 use super::payments_sql::lifecycle;
 use super::postgres_audit::insert_audit;
 use super::{
@@ -41,6 +43,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct PgStorage {
     pool: PgPool,
+    /// Group commit of the hot write paths (see [`super::group`]).
+    pub(super) writer: GroupCommit<Postgres>,
     /// MACs the audit chain; appends fail until it is installed.
     pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
 }
@@ -74,12 +78,14 @@ impl PgStorage {
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(|conn, _| Box::pin(async move { Ok(common::reusable(conn)) }))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(db_err)?;
+        let sealer: Arc<super::chain::SealerCell> = Default::default();
         Ok(PgStorage {
+            writer: GroupCommit::start(options, Arc::clone(&sealer))?,
             pool,
-            sealer: Default::default(),
+            sealer,
         })
     }
 
@@ -90,6 +96,41 @@ impl PgStorage {
 
     pub(super) async fn begin(&self) -> StorageResult<sqlx::Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(db_err)
+    }
+}
+
+impl GroupBackend for Postgres {
+    fn begin_group(
+        pool: &PgPool,
+    ) -> futures_util::future::BoxFuture<'_, StorageResult<Tx<Postgres>>> {
+        Box::pin(async move { pool.begin().await.map_err(db_err) })
+    }
+    fn storage_err(e: sqlx::Error) -> StorageError {
+        db_err(e)
+    }
+    fn flush<'a>(
+        tx: &'a mut Tx<Postgres>,
+        sealer: &'a super::chain::SealerCell,
+        cards: &'a [super::group::PendingCard],
+        mut events: Vec<super::EventRecord>,
+        mut audit: Vec<AuditEntry>,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
+        let conn: &'a mut sqlx::PgConnection = tx;
+        Box::pin(async move {
+            PgStorage::insert_card_rows(conn, cards, &mut events, &mut audit).await?;
+            PgStorage::insert_event_rows(conn, &events).await?;
+            super::postgres_audit::insert_audit_rows(conn, sealer, &audit).await
+        })
+    }
+    fn exec<'a>(
+        tx: &'a mut Tx<Postgres>,
+        sql: &'static str,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
+        let conn: &'a mut sqlx::PgConnection = tx;
+        Box::pin(async move {
+            sqlx::Executor::execute(conn, sql).await.map_err(db_err)?;
+            Ok(())
+        })
     }
 }
 
@@ -143,7 +184,7 @@ async fn fetch_card(
     Ok(row.map(CardRecord::from))
 }
 
-async fn fetch_card_by_fingerprint(
+pub(super) async fn fetch_card_by_fingerprint(
     ex: impl PgExecutor<'_>,
     card: &CardRecord,
 ) -> StorageResult<Option<CardRecord>> {
@@ -271,29 +312,35 @@ impl MerchantStore for PgStorage {
 impl CustomerStore for PgStorage {
     async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()> {
         let json = CustomerJson::encode(c)?;
-        let mut tx = self.begin().await?;
-        sqlx::query(concat!(
-            "INSERT INTO customers (",
-            customer_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        ))
-        .bind(&c.id)
-        .bind(&c.merchant_id)
-        .bind(&c.email)
-        .bind(&c.first_name)
-        .bind(&c.last_name)
-        .bind(&c.phone)
-        .bind(json.document)
-        .bind(json.billing_address)
-        .bind(json.metadata)
-        .bind(&c.default_card_id)
-        .bind(c.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        insert_audit(&mut tx, &self.sealer, audit).await?;
-        PgStorage::insert_events(&mut tx, &[lifecycle::customer_created(c, audit.at)]).await?;
-        tx.commit().await.map_err(db_err)
+        let (c, audit) = (c.clone(), audit.clone());
+        self.writer
+            .run(move |batch| {
+                Box::pin(async move {
+                    sqlx::query(concat!(
+                        "INSERT INTO customers (",
+                        customer_columns!(),
+                        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    ))
+                    .bind(&c.id)
+                    .bind(&c.merchant_id)
+                    .bind(&c.email)
+                    .bind(&c.first_name)
+                    .bind(&c.last_name)
+                    .bind(&c.phone)
+                    .bind(json.document)
+                    .bind(json.billing_address)
+                    .bind(json.metadata)
+                    .bind(&c.default_card_id)
+                    .bind(c.created_at)
+                    .execute(&mut *batch.tx)
+                    .await
+                    .map_err(db_err)?;
+                    batch.event(lifecycle::customer_created(&c, audit.at));
+                    batch.audit(audit);
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn get_customer(
@@ -436,70 +483,19 @@ impl CardStore for PgStorage {
         card: &CardRecord,
         audit: &AuditEntry,
     ) -> StorageResult<CardInsert> {
-        let mut tx = self.begin().await?;
-        // The lock serialises inserts for this customer, so the fingerprint
-        // check below sees every card committed before us.
-        let Some(current_default) =
-            lock_customer(&mut *tx, &card.merchant_id, &card.customer_id).await?
-        else {
-            return Err(StorageError::NotFound);
-        };
-        if let Some(existing) = fetch_card_by_fingerprint(&mut *tx, card).await? {
-            return Ok(CardInsert::Existing(existing));
-        }
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO cards (",
-            card_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-        ))
-        .bind(&card.id)
-        .bind(&card.merchant_id)
-        .bind(&card.customer_id)
-        .bind(&card.pan_ciphertext)
-        .bind(&card.dek_id)
-        .bind(&card.fingerprint)
-        .bind(&card.bin)
-        .bind(&card.last4)
-        .bind(card.pan_length)
-        .bind(&card.brand)
-        .bind(&card.funding)
-        .bind(card.exp_month)
-        .bind(card.exp_year)
-        .bind(&card.holder_name)
-        .bind(&card.alias)
-        .bind(&card.status)
-        .bind(card.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err);
+        let inserted = self.writer.insert_card(card.clone(), audit.clone()).await;
         match inserted {
-            Ok(_) => {}
             Err(StorageError::Conflict(message)) => {
-                // The failed statement aborted the transaction: roll it back
-                // and look for the card that won the race, if that is what
-                // happened (a reused card id is a real conflict).
-                tx.rollback().await.map_err(db_err)?;
-                return match fetch_card_by_fingerprint(&self.pool, card).await? {
+                // The unit was rolled back: look for the card that won the
+                // race, if that is what happened (a reused card id is a
+                // real conflict).
+                match fetch_card_by_fingerprint(&self.pool, card).await? {
                     Some(existing) => Ok(CardInsert::Existing(existing)),
                     None => Err(StorageError::Conflict(message)),
-                };
+                }
             }
-            Err(e) => return Err(e),
+            other => other,
         }
-        let default = current_default.is_none();
-        if default {
-            set_default_card(
-                &mut *tx,
-                &card.merchant_id,
-                &card.customer_id,
-                Some(&card.id),
-            )
-            .await?;
-        }
-        insert_audit(&mut tx, &self.sealer, audit).await?;
-        PgStorage::insert_events(&mut tx, &[lifecycle::card_created(card, audit.at)]).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(CardInsert::Created { default })
     }
 
     async fn get_card(
@@ -508,6 +504,49 @@ impl CardStore for PgStorage {
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
         fetch_card(&self.pool, merchant_id, card_id, false).await
+    }
+
+    async fn get_card_view(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+    ) -> StorageResult<Option<(CardRecord, bool)>> {
+        let row: Option<CardViewRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            ", coalesce((SELECT default_card_id FROM customers \
+             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+             FROM cards WHERE merchant_id = $1 AND id = $2"
+        ))
+        .bind(merchant_id)
+        .bind(card_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
+    }
+
+    async fn list_card_views(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<(CardRecord, bool)>> {
+        let rows: Vec<CardViewRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            ", coalesce((SELECT default_card_id FROM customers \
+             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+             FROM cards WHERE merchant_id = $1 AND customer_id = $2 ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (CardRecord::from(r.card), r.is_default))
+            .collect())
     }
 
     async fn list_cards(
@@ -830,5 +869,9 @@ impl Storage for PgStorage {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn group_commit_stats(&self) -> (u64, u64) {
+        self.writer.stats().snapshot()
     }
 }

@@ -27,47 +27,25 @@ pub(super) async fn insert_audit(
     sealer: &SealerCell,
     e: &AuditEntry,
 ) -> StorageResult<()> {
-    let sealer = sealer.get()?;
+    insert_audit_rows(conn, sealer, std::slice::from_ref(e)).await
+}
+
+/// Serialises appends across transactions and nodes until commit.
+async fn chain_lock(conn: &mut PgConnection) -> StorageResult<()> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(AUDIT_CHAIN_LOCK)
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    let head: Option<Option<Vec<u8>>> =
-        sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    let link = chain::link(head.flatten().as_deref(), e, sealer.as_ref())?;
-    sqlx::query(
-        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
-         request_id, detail, prev_hash, hash, mac, mac_key_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(e.at)
-    .bind(&e.actor)
-    .bind(&e.merchant_id)
-    .bind(&e.event)
-    .bind(&e.resource)
-    .bind(&e.outcome)
-    .bind(&e.origin)
-    .bind(&e.request_id)
-    .bind(&e.detail)
-    .bind(&link.prev_hash[..])
-    .bind(&link.hash[..])
-    .bind(&link.mac[..])
-    .bind(&link.mac_key_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
     Ok(())
 }
 
-/// A standalone append (its own transaction).
+chain::impl_insert_audit_rows!(sqlx::Postgres, PgConnection, db_err, chain_lock);
+
+/// A standalone append, committed with whatever else the group-commit
+/// writer is batching.
 pub(super) async fn append(s: &PgStorage, e: &AuditEntry) -> StorageResult<()> {
-    let mut tx = s.begin().await?;
-    insert_audit(&mut tx, &s.sealer, e).await?;
-    tx.commit().await.map_err(db_err)
+    s.writer.append(e.clone()).await
 }
 
 #[derive(sqlx::FromRow)]

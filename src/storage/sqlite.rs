@@ -8,6 +8,7 @@
 //! deleted rows, so a deleted card's ciphertext does not stay in the file.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,9 +20,10 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 
 use super::common::{
     self, api_key_columns, audit_columns, card_columns, customer_columns, data_key_columns,
-    ApiKeyRow, AuditDbRow, CardRow, CustomerJson, CustomerRow, DataKeyRow, IdempotencyRow,
-    MerchantRow,
+    ApiKeyRow, AuditDbRow, CardRow, CardViewRow, CustomerJson, CustomerRow, DataKeyRow,
+    IdempotencyRow, MerchantRow,
 };
+use super::group::{GroupBackend, GroupCommit, Tx};
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
 use super::{
@@ -43,6 +45,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    /// Group commit of the hot write paths (see [`super::group`]).
+    pub(super) writer: GroupCommit<Sqlite>,
     /// MACs the audit chain; appends fail until it is installed.
     pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
 }
@@ -63,6 +67,13 @@ impl SqliteStorage {
     /// Opens (creating if missing) the database at `url` (`sqlite://path` or
     /// `sqlite:path`). Does not migrate: see [`Storage::migrate`].
     pub async fn connect(url: &str, max_connections: u32) -> StorageResult<Self> {
+        // The writer has a connection of its own: an in-memory database
+        // would be a different one per connection (and is not durable).
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StorageError::Other(
+                "in-memory SQLite databases are not supported: use a file".to_string(),
+            ));
+        }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db_err)?
             .create_if_missing(true)
@@ -78,12 +89,14 @@ impl SqliteStorage {
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(|conn, _| Box::pin(async move { Ok(common::reusable(conn)) }))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(db_err)?;
+        let sealer: Arc<super::chain::SealerCell> = Default::default();
         Ok(SqliteStorage {
+            writer: GroupCommit::start(options, Arc::clone(&sealer))?,
             pool,
-            sealer: Default::default(),
+            sealer,
         })
     }
 
@@ -97,6 +110,41 @@ impl SqliteStorage {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)
+    }
+}
+
+impl GroupBackend for Sqlite {
+    fn begin_group(
+        pool: &SqlitePool,
+    ) -> futures_util::future::BoxFuture<'_, StorageResult<Tx<Sqlite>>> {
+        Box::pin(async move { pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err) })
+    }
+    fn storage_err(e: sqlx::Error) -> StorageError {
+        db_err(e)
+    }
+    fn flush<'a>(
+        tx: &'a mut Tx<Sqlite>,
+        sealer: &'a super::chain::SealerCell,
+        cards: &'a [super::group::PendingCard],
+        mut events: Vec<super::EventRecord>,
+        mut audit: Vec<AuditEntry>,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
+        let conn: &'a mut sqlx::SqliteConnection = tx;
+        Box::pin(async move {
+            SqliteStorage::insert_card_rows(conn, cards, &mut events, &mut audit).await?;
+            SqliteStorage::insert_event_rows(conn, &events).await?;
+            super::sqlite_audit::insert_audit_rows(conn, sealer, &audit).await
+        })
+    }
+    fn exec<'a>(
+        tx: &'a mut Tx<Sqlite>,
+        sql: &'static str,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
+        let conn: &'a mut sqlx::SqliteConnection = tx;
+        Box::pin(async move {
+            sqlx::Executor::execute(conn, sql).await.map_err(db_err)?;
+            Ok(())
+        })
     }
 }
 
@@ -136,7 +184,7 @@ async fn fetch_card(
     Ok(row.map(CardRecord::from))
 }
 
-async fn fetch_card_by_fingerprint(
+pub(super) async fn fetch_card_by_fingerprint(
     ex: impl SqliteExecutor<'_>,
     card: &CardRecord,
 ) -> StorageResult<Option<CardRecord>> {
@@ -263,29 +311,35 @@ impl MerchantStore for SqliteStorage {
 impl CustomerStore for SqliteStorage {
     async fn insert_customer(&self, c: &CustomerRecord, audit: &AuditEntry) -> StorageResult<()> {
         let json = CustomerJson::encode(c)?;
-        let mut tx = self.begin_write().await?;
-        sqlx::query(concat!(
-            "INSERT INTO customers (",
-            customer_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&c.id)
-        .bind(&c.merchant_id)
-        .bind(&c.email)
-        .bind(&c.first_name)
-        .bind(&c.last_name)
-        .bind(&c.phone)
-        .bind(json.document)
-        .bind(json.billing_address)
-        .bind(json.metadata)
-        .bind(&c.default_card_id)
-        .bind(c.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        insert_audit(&mut tx, &self.sealer, audit).await?;
-        SqliteStorage::insert_events(&mut tx, &[lifecycle::customer_created(c, audit.at)]).await?;
-        tx.commit().await.map_err(db_err)
+        let (c, audit) = (c.clone(), audit.clone());
+        self.writer
+            .run(move |batch| {
+                Box::pin(async move {
+                    sqlx::query(concat!(
+                        "INSERT INTO customers (",
+                        customer_columns!(),
+                        ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    ))
+                    .bind(&c.id)
+                    .bind(&c.merchant_id)
+                    .bind(&c.email)
+                    .bind(&c.first_name)
+                    .bind(&c.last_name)
+                    .bind(&c.phone)
+                    .bind(json.document)
+                    .bind(json.billing_address)
+                    .bind(json.metadata)
+                    .bind(&c.default_card_id)
+                    .bind(c.created_at)
+                    .execute(&mut *batch.tx)
+                    .await
+                    .map_err(db_err)?;
+                    batch.event(lifecycle::customer_created(&c, audit.at));
+                    batch.audit(audit);
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn get_customer(
@@ -429,68 +483,19 @@ impl CardStore for SqliteStorage {
         card: &CardRecord,
         audit: &AuditEntry,
     ) -> StorageResult<CardInsert> {
-        let mut tx = self.begin_write().await?;
-        let Some(current_default) =
-            fetch_default_card(&mut *tx, &card.merchant_id, &card.customer_id).await?
-        else {
-            return Err(StorageError::NotFound);
-        };
-        if let Some(existing) = fetch_card_by_fingerprint(&mut *tx, card).await? {
-            return Ok(CardInsert::Existing(existing));
-        }
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO cards (",
-            card_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&card.id)
-        .bind(&card.merchant_id)
-        .bind(&card.customer_id)
-        .bind(&card.pan_ciphertext)
-        .bind(&card.dek_id)
-        .bind(&card.fingerprint)
-        .bind(&card.bin)
-        .bind(&card.last4)
-        .bind(card.pan_length)
-        .bind(&card.brand)
-        .bind(&card.funding)
-        .bind(card.exp_month)
-        .bind(card.exp_year)
-        .bind(&card.holder_name)
-        .bind(&card.alias)
-        .bind(&card.status)
-        .bind(card.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err);
+        let inserted = self.writer.insert_card(card.clone(), audit.clone()).await;
         match inserted {
-            Ok(_) => {}
             Err(StorageError::Conflict(message)) => {
-                // The write lock makes a duplicate fingerprint impossible
-                // here, but answer it like the check above should one slip
-                // through; anything else (a reused card id) is a conflict.
-                drop(tx);
-                return match fetch_card_by_fingerprint(&self.pool, card).await? {
+                // The write lock makes a duplicate fingerprint impossible,
+                // but answer it like the check should one slip through;
+                // anything else (a reused card id) is a conflict.
+                match fetch_card_by_fingerprint(&self.pool, card).await? {
                     Some(existing) => Ok(CardInsert::Existing(existing)),
                     None => Err(StorageError::Conflict(message)),
-                };
+                }
             }
-            Err(e) => return Err(e),
+            other => other,
         }
-        let default = current_default.is_none();
-        if default {
-            set_default_card(
-                &mut *tx,
-                &card.merchant_id,
-                &card.customer_id,
-                Some(&card.id),
-            )
-            .await?;
-        }
-        insert_audit(&mut tx, &self.sealer, audit).await?;
-        SqliteStorage::insert_events(&mut tx, &[lifecycle::card_created(card, audit.at)]).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(CardInsert::Created { default })
     }
 
     async fn get_card(
@@ -499,6 +504,49 @@ impl CardStore for SqliteStorage {
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
         fetch_card(&self.pool, merchant_id, card_id).await
+    }
+
+    async fn get_card_view(
+        &self,
+        merchant_id: &str,
+        card_id: &str,
+    ) -> StorageResult<Option<(CardRecord, bool)>> {
+        let row: Option<CardViewRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            ", coalesce((SELECT default_card_id FROM customers \
+             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+             FROM cards WHERE merchant_id = ? AND id = ?"
+        ))
+        .bind(merchant_id)
+        .bind(card_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
+    }
+
+    async fn list_card_views(
+        &self,
+        merchant_id: &str,
+        customer_id: &str,
+    ) -> StorageResult<Vec<(CardRecord, bool)>> {
+        let rows: Vec<CardViewRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            card_columns!(),
+            ", coalesce((SELECT default_card_id FROM customers \
+             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+             FROM cards WHERE merchant_id = ? AND customer_id = ? ORDER BY seq"
+        ))
+        .bind(merchant_id)
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (CardRecord::from(r.card), r.is_default))
+            .collect())
     }
 
     async fn list_cards(
@@ -801,5 +849,9 @@ impl Storage for SqliteStorage {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn group_commit_stats(&self) -> (u64, u64) {
+        self.writer.stats().snapshot()
     }
 }

@@ -23,42 +23,21 @@ pub(super) async fn insert_audit(
     sealer: &SealerCell,
     e: &AuditEntry,
 ) -> StorageResult<()> {
-    let sealer = sealer.get()?;
-    let head: Option<Option<Vec<u8>>> =
-        sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    let link = chain::link(head.flatten().as_deref(), e, sealer.as_ref())?;
-    sqlx::query(
-        "INSERT INTO audit_log (at, actor, merchant_id, event, resource, outcome, origin, \
-         request_id, detail, prev_hash, hash, mac, mac_key_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(e.at)
-    .bind(&e.actor)
-    .bind(&e.merchant_id)
-    .bind(&e.event)
-    .bind(&e.resource)
-    .bind(&e.outcome)
-    .bind(&e.origin)
-    .bind(&e.request_id)
-    .bind(&e.detail)
-    .bind(&link.prev_hash[..])
-    .bind(&link.hash[..])
-    .bind(&link.mac[..])
-    .bind(&link.mac_key_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
+    insert_audit_rows(conn, sealer, std::slice::from_ref(e)).await
+}
+
+/// Appends need no lock of their own on SQLite: every write transaction
+/// took the database's write lock up front (`BEGIN IMMEDIATE`).
+async fn chain_lock(_conn: &mut SqliteConnection) -> StorageResult<()> {
     Ok(())
 }
 
-/// A standalone append (its own transaction).
+chain::impl_insert_audit_rows!(sqlx::Sqlite, SqliteConnection, db_err, chain_lock);
+
+/// A standalone append, committed with whatever else the group-commit
+/// writer is batching.
 pub(super) async fn append(s: &SqliteStorage, e: &AuditEntry) -> StorageResult<()> {
-    let mut tx = s.begin_write().await?;
-    insert_audit(&mut tx, &s.sealer, e).await?;
-    tx.commit().await.map_err(db_err)
+    s.writer.append(e.clone()).await
 }
 
 #[derive(sqlx::FromRow)]

@@ -170,6 +170,7 @@ on_both_backends!(
     idempotency_keys,
     data_keys_and_seal_reservations,
     audit_append_and_list,
+    batched_writes_fail_alone_and_keep_the_chain,
 );
 
 // ---------------------------------------------------------------- builders
@@ -937,6 +938,66 @@ async fn concurrent_duplicate_cards_dedupe(s: &dyn Storage) {
             default_card(s, "mer_a", &customer_id).await,
             Some(winner.id.clone())
         );
+    }
+}
+
+/// Many concurrent writes share group commits: the ones that fail (unknown
+/// customer, reused card id) leave no row and no audit entry behind, every
+/// other one is stored with its audit entry, and the chain stays linear.
+async fn batched_writes_fail_alone_and_keep_the_chain(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_1").await;
+    add_card(s, &card("mer_a", "cus_1", "card_taken", 250)).await;
+    let before = all_audit(s).await.len();
+    let writes = (0..240u8).map(|i| async move {
+        let c = match i % 3 {
+            0 => card("mer_a", "cus_1", &format!("card_ok_{i}"), i),
+            1 => card("mer_a", "cus_missing", &format!("card_nf_{i}"), i),
+            _ => card("mer_a", "cus_1", "card_taken", i),
+        };
+        let r = s
+            .insert_card(&c, &audit("card.create", Some("mer_a"), Some(&c.id)))
+            .await;
+        let appended = s
+            .append_audit(&audit("card.reveal", Some("mer_a"), Some(&c.id)))
+            .await;
+        (i, r, appended)
+    });
+    for (i, r, appended) in futures_util::future::join_all(writes).await {
+        appended.unwrap();
+        match i % 3 {
+            0 => assert_eq!(r.unwrap(), CardInsert::Created { default: false }),
+            1 => assert!(matches!(r, Err(StorageError::NotFound)), "{i}: {r:?}"),
+            _ => assert!(matches!(r, Err(StorageError::Conflict(_))), "{i}: {r:?}"),
+        }
+    }
+    let cards = s.list_cards("mer_a", "cus_1").await.unwrap();
+    assert_eq!(cards.len(), 81);
+    let rows = all_audit(s).await;
+    let created: Vec<_> = rows[before..]
+        .iter()
+        .filter(|r| r.entry.event == "card.create")
+        .collect();
+    assert_eq!(created.len(), 80, "only stored cards are audited");
+    assert!(created
+        .iter()
+        .all(|r| r.entry.resource.as_deref().unwrap().starts_with("card_ok_")));
+    assert_eq!(rows.len() - before, 80 + 240);
+    // Every row links to the one before it.
+    let chain = s.chain_rows(0, 10_000).await.unwrap();
+    assert_eq!(chain.len(), rows.len());
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "chain broken at {}",
+            pair[1].seq
+        );
+        let expected = super::chain::entry_hash(
+            pair[1].prev_hash.as_deref().unwrap(),
+            &pair[1].entry,
+            pair[1].mac_key_id.as_deref().unwrap(),
+        );
+        assert_eq!(pair[1].hash.as_deref(), Some(&expected[..]));
     }
 }
 

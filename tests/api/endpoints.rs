@@ -418,3 +418,79 @@ async fn alpn_and_tls_versions() {
     }
     app.stop().await;
 }
+
+async fn metric(app: &TestApp, name: &str) -> u64 {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics` (loopback only) shows that envelope mode serves adds and
+/// reveals without a single HSM call once keys are cached, that hsm mode
+/// makes one per seal/open, and that concurrent writes share commits.
+async fn metrics_count_hsm_operations_and_group_commits(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn(backend, mode).await;
+    let m = app.merchant(true).await;
+    let cus = app.customer(&m.sk, "metrics@example.com").await;
+    // Warm the key caches (first use loads or creates the keys).
+    let first = app.card(&m.sk, &cus, "4242424242424242").await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/cards/{}/reveal", first["id"].as_str().unwrap()),
+            &m.sk,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    let hsm_before = metric(&app, "cardvault_hsm_operations_total").await;
+    let units_before = metric(&app, "cardvault_db_write_units_total").await;
+    let batches_before = metric(&app, "cardvault_db_write_batches_total").await;
+    let work = (0..20u64).map(|i| {
+        let (app, m, cus) = (&app, &m, &cus);
+        async move {
+            let card = app
+                .card(
+                    &m.sk,
+                    cus,
+                    &cardvault::testkit::luhn_pan("4000", 5_000_000 + i),
+                )
+                .await;
+            let (s, v) = app
+                .post(
+                    &format!("/v1/cards/{}/reveal", card["id"].as_str().unwrap()),
+                    &m.sk,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    });
+    futures_util::future::join_all(work).await;
+    let hsm = metric(&app, "cardvault_hsm_operations_total").await - hsm_before;
+    let units = metric(&app, "cardvault_db_write_units_total").await - units_before;
+    let batches = metric(&app, "cardvault_db_write_batches_total").await - batches_before;
+    match mode {
+        CryptoMode::Envelope => assert_eq!(hsm, 0, "envelope mode called the HSM"),
+        CryptoMode::Hsm => assert!(hsm >= 40, "hsm mode made only {hsm} HSM calls"),
+    }
+    // 20 card inserts and 20 reveal audit appends.
+    assert!(units >= 40, "{units} write units");
+    assert!(
+        batches >= 1 && batches <= units,
+        "{batches} batches for {units} units"
+    );
+    assert!(metric(&app, "cardvault_http_requests_total").await > 40);
+}
+matrix!(metrics_count_hsm_operations_and_group_commits);

@@ -9,6 +9,7 @@ mod audit;
 mod charges;
 mod cli;
 mod endpoints;
+mod hosted;
 mod http_processor;
 mod isolation;
 mod leaks;

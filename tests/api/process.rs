@@ -145,11 +145,11 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     assert_eq!(s, 201, "{cus}");
     let cus = cus["id"].as_str().unwrap().to_string();
 
-    // Four writers add cards; once 40 are acknowledged, SIGKILL while the
-    // writers are still sending.
+    // Sixteen writers add cards (so the group-commit writer batches them);
+    // once 160 are acknowledged, SIGKILL while the writers are still sending.
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let mut writers = Vec::new();
-    for w in 0..4u64 {
+    for w in 0..16u64 {
         let (c, sk, cus, tx, port) = (
             c.clone(),
             sk.clone(),
@@ -180,7 +180,7 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     }
     drop(ack_tx);
     let mut acked = Vec::new();
-    while acked.len() < 40 {
+    while acked.len() < 160 {
         let Some(a) = tokio::time::timeout(Duration::from_secs(60), ack_rx.recv())
             .await
             .expect("cards acknowledged")
@@ -198,7 +198,18 @@ async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     while let Ok(a) = ack_rx.try_recv() {
         acked.push(a);
     }
-    assert!(acked.len() >= 40);
+    assert!(acked.len() >= 160);
+    // The audit chain the interrupted batches were appending to is intact.
+    let verify = command(dir.path(), &db_url, mode)
+        .args(["audit", "verify"])
+        .output()
+        .expect("audit verify");
+    assert!(
+        verify.status.success(),
+        "audit chain broken after SIGKILL: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
 
     let mut server = start(dir.path(), &db_url, mode, 2);
     let c = client(dir.path(), server.port);

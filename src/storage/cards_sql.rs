@@ -1,0 +1,268 @@
+//! The group-commit flush of card inserts, shared by both backends (the
+//! SQL is the same; `QueryBuilder` numbers the placeholders).
+//!
+//! All cards of a batch go into one multi-row `INSERT … SELECT … FROM
+//! (VALUES …) WHERE EXISTS (customer) ON CONFLICT (customer_id,
+//! fingerprint) DO NOTHING RETURNING id`, and the first card of each
+//! customer without a default becomes its default with one `UPDATE … FROM
+//! (VALUES …)`. A card the insert skipped is looked up (the customer
+//! already has it, or the customer is not the merchant's). Should the
+//! multi-row insert fail as a whole (a reused card id), the chunk is rolled
+//! back and its cards are inserted one by one, each in its own savepoint,
+//! so only the faulty one fails.
+
+use super::common::card_columns;
+use super::group::PendingCard;
+use super::payments_sql::lifecycle;
+use super::{AuditEntry, CardInsert, CardRecord, EventRecord, StorageError, StorageResult};
+
+/// Cards per multi-row insert: 17 binds each stays below both backends'
+/// limits on bound parameters.
+pub(super) const CARD_ROWS_PER_INSERT: usize = 500;
+
+/// Records what a stored card adds to the batch: its event and audit entry.
+pub(super) fn created(
+    p: &PendingCard,
+    default: bool,
+    events: &mut Vec<EventRecord>,
+    audit: &mut Vec<AuditEntry>,
+) {
+    events.push(lifecycle::card_created(&p.card, p.audit.at));
+    audit.push(p.audit.clone());
+    p.resolve(Ok(CardInsert::Created { default }));
+}
+
+macro_rules! impl_card_batch {
+    ($storage:ty, $db:ty, $conn:ty, $q:path, $err:path, $by_fingerprint:path) => {
+        impl $storage {
+            /// One card insert (the slow path): two statements on the
+            /// common path. The insert happens only if the customer is the
+            /// merchant's and has no card with this fingerprint (the unique
+            /// index decides, also against other nodes); the first card
+            /// becomes the default.
+            async fn insert_one_card(conn: &mut $conn, card: &CardRecord) -> StorageResult<CardInsert> {
+                let inserted = sqlx::query(&$q(concat!(
+                    "INSERT INTO cards (",
+                    card_columns!(),
+                    ") SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                     WHERE EXISTS (SELECT 1 FROM customers WHERE id = ? AND merchant_id = ?) \
+                     ON CONFLICT (customer_id, fingerprint) DO NOTHING"
+                )))
+                .bind(&card.id)
+                .bind(&card.merchant_id)
+                .bind(&card.customer_id)
+                .bind(&card.pan_ciphertext)
+                .bind(&card.dek_id)
+                .bind(&card.fingerprint)
+                .bind(&card.bin)
+                .bind(&card.last4)
+                .bind(card.pan_length)
+                .bind(&card.brand)
+                .bind(&card.funding)
+                .bind(card.exp_month)
+                .bind(card.exp_year)
+                .bind(&card.holder_name)
+                .bind(&card.alias)
+                .bind(&card.status)
+                .bind(card.created_at)
+                .bind(&card.customer_id)
+                .bind(&card.merchant_id)
+                .execute(&mut *conn)
+                .await
+                .map_err($err)?;
+                if inserted.rows_affected() == 0 {
+                    // Not the merchant's customer, or the card is already saved.
+                    return match $by_fingerprint(&mut *conn, card).await? {
+                        Some(existing) => Ok(CardInsert::Existing(existing)),
+                        None => Err(StorageError::NotFound),
+                    };
+                }
+                let default = sqlx::query(&$q(
+                    "UPDATE customers SET default_card_id = ? \
+                     WHERE id = ? AND merchant_id = ? AND default_card_id IS NULL",
+                ))
+                .bind(&card.id)
+                .bind(&card.customer_id)
+                .bind(&card.merchant_id)
+                .execute(&mut *conn)
+                .await
+                .map_err($err)?
+                .rows_affected()
+                    == 1;
+                Ok(CardInsert::Created { default })
+            }
+
+            /// Inserts the batch's cards inside the caller's transaction,
+            /// resolving each and recording the stored ones' events and
+            /// audit entries.
+            pub(super) async fn insert_card_rows(
+                conn: &mut $conn,
+                cards: &[PendingCard],
+                events: &mut Vec<EventRecord>,
+                audit: &mut Vec<AuditEntry>,
+            ) -> StorageResult<()> {
+                for chunk in cards.chunks($crate::storage::cards_sql::CARD_ROWS_PER_INSERT) {
+                    sqlx::Executor::execute(&mut *conn, "SAVEPOINT cards")
+                        .await
+                        .map_err($err)?;
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(concat!(
+                        "INSERT INTO cards (",
+                        card_columns!(),
+                        ") SELECT * FROM ("
+                    ));
+                    insert.push_values(chunk, |mut row, p| {
+                        let c = &p.card;
+                        row.push_bind(&c.id)
+                            .push_bind(&c.merchant_id)
+                            .push_bind(&c.customer_id)
+                            .push_bind(&c.pan_ciphertext)
+                            .push_bind(&c.dek_id)
+                            .push_bind(&c.fingerprint)
+                            .push_bind(&c.bin)
+                            .push_bind(&c.last4)
+                            .push_bind(c.pan_length)
+                            .push_bind(&c.brand)
+                            .push_bind(&c.funding)
+                            .push_bind(c.exp_month)
+                            .push_bind(c.exp_year)
+                            .push_bind(&c.holder_name)
+                            .push_bind(&c.alias)
+                            .push_bind(&c.status)
+                            .push_bind(c.created_at);
+                    });
+                    insert.push(
+                        ") AS v WHERE EXISTS (SELECT 1 FROM customers \
+                         WHERE customers.id = v.column3 AND customers.merchant_id = v.column2) \
+                         ON CONFLICT (customer_id, fingerprint) DO NOTHING RETURNING id",
+                    );
+                    let inserted: Result<Vec<String>, StorageError> = insert
+                        .build_query_scalar()
+                        .persistent(false)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err($err);
+                    match inserted {
+                        Ok(ids) => {
+                            let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+                            Self::settle_card_chunk(conn, chunk, &ids, events, audit).await?;
+                        }
+                        Err(StorageError::Conflict(_)) => {
+                            sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT cards")
+                                .await
+                                .map_err($err)?;
+                            Self::insert_cards_one_by_one(conn, chunk, events, audit).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    sqlx::Executor::execute(&mut *conn, "RELEASE SAVEPOINT cards")
+                        .await
+                        .map_err($err)?;
+                }
+                Ok(())
+            }
+
+            /// After the multi-row insert: defaults for the inserted cards,
+            /// lookups for the skipped ones.
+            async fn settle_card_chunk(
+                conn: &mut $conn,
+                chunk: &[PendingCard],
+                inserted: &std::collections::HashSet<String>,
+                events: &mut Vec<EventRecord>,
+                audit: &mut Vec<AuditEntry>,
+            ) -> StorageResult<()> {
+                // The first inserted card of each customer may become its
+                // default.
+                let mut seen = std::collections::HashSet::new();
+                let candidates: Vec<&PendingCard> = chunk
+                    .iter()
+                    .filter(|p| inserted.contains(&p.card.id))
+                    .filter(|p| seen.insert(p.card.customer_id.as_str()))
+                    .collect();
+                let mut defaults = std::collections::HashSet::new();
+                if !candidates.is_empty() {
+                    let mut update = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE customers SET default_card_id = v.column2 FROM (",
+                    );
+                    update.push_values(&candidates, |mut row, p| {
+                        row.push_bind(&p.card.customer_id)
+                            .push_bind(&p.card.id)
+                            .push_bind(&p.card.merchant_id);
+                    });
+                    update.push(
+                        ") AS v WHERE customers.id = v.column1 \
+                         AND customers.merchant_id = v.column3 \
+                         AND customers.default_card_id IS NULL RETURNING customers.default_card_id",
+                    );
+                    let set: Vec<Option<String>> = update
+                        .build_query_scalar()
+                        .persistent(false)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err($err)?;
+                    defaults.extend(set.into_iter().flatten());
+                }
+                for p in chunk {
+                    if inserted.contains(&p.card.id) {
+                        let default = defaults.contains(&p.card.id);
+                        $crate::storage::cards_sql::created(p, default, events, audit);
+                    } else {
+                        // Not the merchant's customer, or the card is
+                        // already saved (perhaps earlier in this batch).
+                        p.resolve(match $by_fingerprint(&mut *conn, &p.card).await? {
+                            Some(existing) => Ok(CardInsert::Existing(existing)),
+                            None => Err(StorageError::NotFound),
+                        });
+                    }
+                }
+                Ok(())
+            }
+
+            /// The slow path: one card at a time, each in its own savepoint.
+            async fn insert_cards_one_by_one(
+                conn: &mut $conn,
+                chunk: &[PendingCard],
+                events: &mut Vec<EventRecord>,
+                audit: &mut Vec<AuditEntry>,
+            ) -> StorageResult<()> {
+                for p in chunk {
+                    sqlx::Executor::execute(&mut *conn, "SAVEPOINT card")
+                        .await
+                        .map_err($err)?;
+                    match Self::insert_one_card(&mut *conn, &p.card).await {
+                        Ok(CardInsert::Created { default }) => {
+                            $crate::storage::cards_sql::created(p, default, events, audit);
+                        }
+                        Ok(existing) => p.resolve(Ok(existing)),
+                        Err(e) => {
+                            sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT card")
+                                .await
+                                .map_err($err)?;
+                            p.resolve(Err(e));
+                        }
+                    }
+                    sqlx::Executor::execute(&mut *conn, "RELEASE SAVEPOINT card")
+                        .await
+                        .map_err($err)?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+impl_card_batch!(
+    super::SqliteStorage,
+    sqlx::Sqlite,
+    sqlx::SqliteConnection,
+    super::payments_sql::sqlite_sql,
+    super::sqlite::db_err,
+    super::sqlite::fetch_card_by_fingerprint
+);
+impl_card_batch!(
+    super::PgStorage,
+    sqlx::Postgres,
+    sqlx::PgConnection,
+    super::payments_sql::pg_sql,
+    super::postgres::db_err,
+    super::postgres::fetch_card_by_fingerprint
+);

@@ -1,0 +1,513 @@
+//! Group commit: write units that arrive while the database is busy share
+//! one transaction and therefore one durable commit (one fsync), instead of
+//! paying for a commit each.
+//!
+//! One writer per storage (a thread with its own runtime and connection)
+//! owns the write path. It takes the first unit from its queue, begins a
+//! transaction, and runs units one after another, each inside its own
+//! savepoint: a unit that fails is rolled back to its savepoint and leaves
+//! no trace, the others are kept. Units that arrive while the batch runs
+//! join it (up to [`MAX_BATCH`]). Some units only record rows on the batch
+//! (audit entries, events, card inserts); just before the commit the writer
+//! writes those with multi-row statements (`flush`). Then it commits once,
+//! and only after the commit has returned does it answer each unit's
+//! caller. Nobody is ever told "done" before their write is durable, so a
+//! crash loses only unacknowledged work. If the flush or the commit fails,
+//! every unit of the batch gets the error and none of their writes exist.
+//!
+//! A caller that goes away (a dropped request future) does not cancel its
+//! unit: the unit is owned by the writer and either commits or not, like a
+//! transaction whose client disconnected.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use sqlx::{Database, Pool, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::SealerCell;
+use super::{AuditEntry, CardInsert, CardRecord, EventRecord, StorageError, StorageResult};
+
+/// Most units one transaction takes. Bounds how long the write lock is held
+/// and how much work one failed commit throws away.
+const MAX_BATCH: usize = 512;
+/// Units waiting for the writer; callers beyond it wait for room.
+const QUEUE: usize = 8192;
+/// How long the writer waits for its connection before failing a batch.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A batch that has not committed by then is abandoned (its connection is
+/// dropped, so the transaction rolls back) and its callers get a 503.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transaction a unit runs in.
+pub(super) type Tx<DB> = Transaction<'static, DB>;
+
+/// A batch in progress: its transaction, plus the audit entries and events
+/// its units recorded. Those are written together just before the commit
+/// (one multi-row insert each, and one read of the audit chain head), so a
+/// unit pays for its own statements only.
+pub(super) struct Batch<DB: Database> {
+    pub(super) tx: Tx<DB>,
+    audit: Vec<AuditEntry>,
+    events: Vec<EventRecord>,
+    cards: Vec<PendingCard>,
+}
+
+/// A card insert waiting for its batch: all of a batch's cards are
+/// inserted together at the flush, and each one's outcome is filled in.
+pub(super) struct PendingCard {
+    pub(super) card: CardRecord,
+    pub(super) audit: AuditEntry,
+    slot: Arc<std::sync::Mutex<Option<StorageResult<CardInsert>>>>,
+}
+
+impl PendingCard {
+    /// Records the outcome of this card's insert.
+    pub(super) fn resolve(&self, outcome: StorageResult<CardInsert>) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+impl<DB: Database> Batch<DB> {
+    /// Records `entry` in the audit chain with this unit's writes.
+    pub(super) fn audit(&mut self, entry: AuditEntry) {
+        self.audit.push(entry);
+    }
+
+    /// Records `event` (and its webhook deliveries) with this unit's writes.
+    pub(super) fn event(&mut self, event: EventRecord) {
+        self.events.push(event);
+    }
+}
+
+/// What the writer needs to know about a backend.
+pub(super) trait GroupBackend: Database {
+    /// Begins a write transaction (SQLite takes the write lock up front).
+    fn begin_group(pool: &Pool<Self>) -> BoxFuture<'_, StorageResult<Tx<Self>>>;
+    fn storage_err(e: sqlx::Error) -> StorageError;
+    /// Runs `sql` (savepoint statements) inside the transaction.
+    fn exec<'a>(tx: &'a mut Tx<Self>, sql: &'static str) -> BoxFuture<'a, StorageResult<()>>;
+    /// Writes the batch's cards (resolving each), then its events and
+    /// chained audit entries (the cards' included), inside its transaction.
+    fn flush<'a>(
+        tx: &'a mut Tx<Self>,
+        sealer: &'a SealerCell,
+        cards: &'a [PendingCard],
+        events: Vec<EventRecord>,
+        audit: Vec<AuditEntry>,
+    ) -> BoxFuture<'a, StorageResult<()>>;
+}
+
+/// A queued unit of work, type-erased.
+trait Unit<DB: Database>: Send {
+    /// Whether the unit runs statements (and so needs a savepoint) or only
+    /// records audit entries.
+    fn touches_db(&self) -> bool;
+    fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>>;
+    /// The unit cannot run (no transaction could be started).
+    fn fail(self: Box<Self>, e: &StorageError);
+}
+
+/// A unit that has run, waiting for its batch's commit.
+trait Outcome: Send {
+    fn succeeded(&self) -> bool;
+    fn settle(self: Box<Self>, commit: &StorageResult<()>);
+}
+
+struct Job<F, T> {
+    work: F,
+    reply: oneshot::Sender<StorageResult<T>>,
+}
+
+struct Done<T> {
+    result: StorageResult<T>,
+    reply: oneshot::Sender<StorageResult<T>>,
+}
+
+impl<DB, F, T> Unit<DB> for Job<F, T>
+where
+    DB: Database,
+    T: Send + 'static,
+    F: for<'a> FnOnce(&'a mut Batch<DB>) -> BoxFuture<'a, StorageResult<T>> + Send + 'static,
+{
+    fn touches_db(&self) -> bool {
+        true
+    }
+
+    fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
+        let Job { work, reply } = *self;
+        Box::pin(async move {
+            let result = work(batch).await;
+            Box::new(Done { result, reply }) as Box<dyn Outcome>
+        })
+    }
+
+    fn fail(self: Box<Self>, e: &StorageError) {
+        let _ = self.reply.send(Err(e.duplicate()));
+    }
+}
+
+/// A card insert: joins the batch's multi-row insert at the flush.
+struct CardJob {
+    card: CardRecord,
+    audit: AuditEntry,
+    reply: oneshot::Sender<StorageResult<CardInsert>>,
+}
+
+struct CardDone {
+    slot: Arc<std::sync::Mutex<Option<StorageResult<CardInsert>>>>,
+    reply: oneshot::Sender<StorageResult<CardInsert>>,
+}
+
+impl<DB: Database> Unit<DB> for CardJob {
+    fn touches_db(&self) -> bool {
+        false
+    }
+
+    fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
+        let CardJob { card, audit, reply } = *self;
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        batch.cards.push(PendingCard {
+            card,
+            audit,
+            slot: Arc::clone(&slot),
+        });
+        Box::pin(std::future::ready(
+            Box::new(CardDone { slot, reply }) as Box<dyn Outcome>
+        ))
+    }
+
+    fn fail(self: Box<Self>, e: &StorageError) {
+        let _ = self.reply.send(Err(e.duplicate()));
+    }
+}
+
+impl Outcome for CardDone {
+    fn succeeded(&self) -> bool {
+        true
+    }
+
+    fn settle(self: Box<Self>, commit: &StorageResult<()>) {
+        let result = match commit {
+            Ok(()) => self
+                .slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| {
+                    Err(StorageError::Other(
+                        "the card was left out of its batch".into(),
+                    ))
+                }),
+            Err(e) => Err(e.duplicate()),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A standalone audit append: no statement of its own.
+struct Append {
+    entry: AuditEntry,
+    reply: oneshot::Sender<StorageResult<()>>,
+}
+
+impl<DB: Database> Unit<DB> for Append {
+    fn touches_db(&self) -> bool {
+        false
+    }
+
+    fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
+        let Append { entry, reply } = *self;
+        batch.audit(entry);
+        Box::pin(std::future::ready(Box::new(Done {
+            result: Ok(()),
+            reply,
+        }) as Box<dyn Outcome>))
+    }
+
+    fn fail(self: Box<Self>, e: &StorageError) {
+        let _ = self.reply.send(Err(e.duplicate()));
+    }
+}
+
+impl<T: Send + 'static> Outcome for Done<T> {
+    fn succeeded(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    fn settle(self: Box<Self>, commit: &StorageResult<()>) {
+        let result = match commit {
+            Ok(()) => self.result,
+            Err(e) => Err(e.duplicate()),
+        };
+        // The caller may have gone away; its write stands (or not) anyway.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Counters of the writer, for `/metrics` and the load tool.
+#[derive(Debug, Default)]
+pub struct GroupStats {
+    batches: AtomicU64,
+    units: AtomicU64,
+}
+
+impl GroupStats {
+    /// `(committed batches, units in them)` since start.
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.units.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The handle callers submit units through. Cloning shares the writer.
+pub(super) struct GroupCommit<DB: Database> {
+    queue: mpsc::Sender<Box<dyn Unit<DB>>>,
+    stats: Arc<GroupStats>,
+}
+
+/// What every batch of one storage shares.
+struct Shared<DB: Database> {
+    pool: Pool<DB>,
+    sealer: Arc<SealerCell>,
+    stats: Arc<GroupStats>,
+}
+
+impl<DB: Database> Clone for GroupCommit<DB> {
+    fn clone(&self) -> Self {
+        GroupCommit {
+            queue: self.queue.clone(),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
+impl<DB: Database> std::fmt::Debug for GroupCommit<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("queued", &(QUEUE - self.queue.capacity()))
+            .finish()
+    }
+}
+
+impl<DB> GroupCommit<DB>
+where
+    DB: GroupBackend,
+{
+    /// Starts the writer on a thread of its own, with its own runtime and
+    /// its own connection (opened from `options` on first use). Its many
+    /// short waits on the database then never queue behind the request
+    /// tasks of the server's runtime, which under load would stretch every
+    /// statement of a batch. It stops when the last handle is dropped.
+    pub(super) fn start(
+        options: <DB::Connection as sqlx::Connection>::Options,
+        sealer: Arc<SealerCell>,
+    ) -> StorageResult<Self> {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(GroupStats::default());
+        let shared_stats = Arc::clone(&stats);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::Other(format!("database writer runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("cardvault-db-writer".to_string())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let pool = sqlx::pool::PoolOptions::<DB>::new()
+                        .max_connections(1)
+                        .acquire_timeout(ACQUIRE_TIMEOUT)
+                        .after_release(|conn, _| {
+                            Box::pin(async move { Ok(super::common::reusable(conn)) })
+                        })
+                        .connect_lazy_with(options);
+                    let shared = Shared {
+                        pool,
+                        sealer,
+                        stats: shared_stats,
+                    };
+                    writer(shared, rx).await;
+                })
+            })
+            .map_err(|e| StorageError::Other(format!("database writer thread: {e}")))?;
+        Ok(GroupCommit { queue, stats })
+    }
+
+    pub(super) fn stats(&self) -> &GroupStats {
+        &self.stats
+    }
+
+    /// Runs `work` in the next batch and returns its result once the batch
+    /// has committed. `work` must own what it uses (it may outlive the
+    /// caller); an `Err` from it rolls back its own writes only.
+    pub(super) async fn run<T, F>(&self, work: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut Batch<DB>) -> BoxFuture<'a, StorageResult<T>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Box::new(Job { work, reply }), answer).await
+    }
+
+    /// Inserts a card (with its audit entry and `card.created` event) in the
+    /// next batch, together with the batch's other cards.
+    pub(super) async fn insert_card(
+        &self,
+        card: CardRecord,
+        audit: AuditEntry,
+    ) -> StorageResult<CardInsert> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Box::new(CardJob { card, audit, reply }), answer)
+            .await
+    }
+
+    /// Appends `entry` to the audit chain in the next batch and returns
+    /// once that batch has committed.
+    pub(super) async fn append(&self, entry: AuditEntry) -> StorageResult<()> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Box::new(Append { entry, reply }), answer).await
+    }
+
+    async fn submit<T>(
+        &self,
+        unit: Box<dyn Unit<DB>>,
+        answer: oneshot::Receiver<StorageResult<T>>,
+    ) -> StorageResult<T> {
+        self.queue
+            .send(unit)
+            .await
+            .map_err(|_| StorageError::Unavailable("the database writer has stopped".into()))?;
+        answer.await.map_err(|_| {
+            StorageError::Unavailable("the write was abandoned before it committed".into())
+        })?
+    }
+}
+
+async fn writer<DB: GroupBackend>(shared: Shared<DB>, mut rx: mpsc::Receiver<Box<dyn Unit<DB>>>) {
+    while let Some(first) = rx.recv().await {
+        let batch = tokio::time::timeout(BATCH_TIMEOUT, run_batch(&shared, first, &mut rx));
+        // A panic or a timeout drops the batch: its transaction rolls back
+        // and its callers' answer channels close (they see a 503). The
+        // writer itself carries on with the next batch.
+        match AssertUnwindSafe(batch).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(_elapsed)) => {
+                tracing::error!(timeout_s = BATCH_TIMEOUT.as_secs(), "write batch timed out");
+            }
+            Err(_panic) => tracing::error!("write batch panicked; its units were abandoned"),
+        }
+    }
+}
+
+async fn run_batch<DB: GroupBackend>(
+    shared: &Shared<DB>,
+    first: Box<dyn Unit<DB>>,
+    rx: &mut mpsc::Receiver<Box<dyn Unit<DB>>>,
+) {
+    let began = match DB::begin_group(&shared.pool).await {
+        Ok(tx) => savepoint(tx, "SAVEPOINT unit").await,
+        Err(e) => Err(e),
+    };
+    let tx = match began {
+        Ok(tx) => tx,
+        Err(e) => {
+            // The database is unreachable: everything already waiting would
+            // fail the same way, so answer it now instead of one by one.
+            first.fail(&e);
+            while let Ok(unit) = rx.try_recv() {
+                unit.fail(&e);
+            }
+            return;
+        }
+    };
+    let mut batch = Batch {
+        tx,
+        audit: Vec::new(),
+        events: Vec::new(),
+        cards: Vec::new(),
+    };
+    let mut done: Vec<Box<dyn Outcome>> = Vec::new();
+    let mut next = Some(first);
+    while let Some(unit) = next.take() {
+        let touches_db = unit.touches_db();
+        let (audit_mark, events_mark) = (batch.audit.len(), batch.events.len());
+        let outcome = unit.run(&mut batch).await;
+        let succeeded = outcome.succeeded();
+        done.push(outcome);
+        if !succeeded {
+            // What the unit recorded goes with its rolled-back writes.
+            batch.audit.truncate(audit_mark);
+            batch.events.truncate(events_mark);
+        }
+        if touches_db {
+            // RELEASE then a fresh SAVEPOINT in one round trip; ROLLBACK TO
+            // keeps the savepoint for the next unit.
+            let step = if succeeded {
+                "RELEASE SAVEPOINT unit; SAVEPOINT unit"
+            } else {
+                "ROLLBACK TO SAVEPOINT unit"
+            };
+            if let Err(e) = DB::exec(&mut batch.tx, step).await {
+                // The transaction is no longer trustworthy: drop it (rolled
+                // back) and fail the whole batch.
+                settle_all(done, &Err(e));
+                return;
+            }
+        }
+        if done.len() < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    let Batch {
+        mut tx,
+        audit,
+        events,
+        cards,
+    } = batch;
+    let flushed = DB::flush(&mut tx, &shared.sealer, &cards, events, audit).await;
+    let commit = match flushed {
+        Ok(()) => tx.commit().await.map_err(DB::storage_err),
+        Err(e) => Err(e),
+    };
+    match &commit {
+        Ok(()) => {
+            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .units
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, units = done.len(), "group commit failed"),
+    }
+    settle_all(done, &commit);
+}
+
+fn settle_all(done: Vec<Box<dyn Outcome>>, commit: &StorageResult<()>) {
+    for d in done {
+        d.settle(commit);
+    }
+}
+
+async fn savepoint<DB: GroupBackend>(mut tx: Tx<DB>, sql: &'static str) -> StorageResult<Tx<DB>> {
+    DB::exec(&mut tx, sql).await?;
+    Ok(tx)
+}
+
+impl StorageError {
+    /// The same error again (errors are not `Clone` to keep them cheap to
+    /// move; a failed batch reports one to many callers).
+    pub(super) fn duplicate(&self) -> StorageError {
+        match self {
+            StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
+            StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
+            StorageError::NotFound => StorageError::NotFound,
+            StorageError::Other(m) => StorageError::Other(m.clone()),
+        }
+    }
+}
