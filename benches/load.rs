@@ -336,7 +336,7 @@ async fn run_scenario(
 }
 
 /// The server's `/metrics` counters (loopback only).
-async fn counters(c: &reqwest::Client, base: &str) -> std::collections::HashMap<String, u64> {
+async fn counters(c: &reqwest::Client, base: &str) -> std::collections::HashMap<String, f64> {
     let text = c
         .get(format!("{base}/metrics"))
         .send()
@@ -353,11 +353,11 @@ async fn counters(c: &reqwest::Client, base: &str) -> std::collections::HashMap<
 }
 
 fn delta(
-    after: &std::collections::HashMap<String, u64>,
-    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, f64>,
+    before: &std::collections::HashMap<String, f64>,
     name: &str,
-) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+) -> f64 {
+    after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -394,8 +394,8 @@ fn main() {
             let base = format!("https://localhost:{}", server.port);
             let pid = server.child.id();
             println!("\n## {backend} / {mode}\n");
-            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | peak RSS MiB |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
             rt.block_on(async {
                 let clients: Vec<_> = (0..opts.connections)
                     .map(|_| client(&cert, server.port))
@@ -410,10 +410,24 @@ fn main() {
                     let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
                     let units = delta(&after, &before, "cardvault_db_write_units_total");
                     let batches = delta(&after, &before, "cardvault_db_write_batches_total");
-                    let per_commit = if batches == 0 {
-                        "-".to_string()
+                    // Writes per commit, and the writer's milliseconds per
+                    // batch in its three phases (units / flush / commit).
+                    let (per_commit, batch_ms) = if batches == 0.0 {
+                        ("-".to_string(), "-".to_string())
                     } else {
-                        format!("{:.1}", units as f64 / batches as f64)
+                        let phase = |p: &str| {
+                            let name = format!("cardvault_db_write_seconds_total{{phase=\"{p}\"}}");
+                            1e3 * delta(&after, &before, &name) / batches
+                        };
+                        (
+                            format!("{:.1}", units / batches),
+                            format!(
+                                "{:.2} / {:.2} / {:.2}",
+                                phase("units"),
+                                phase("flush"),
+                                phase("commit")
+                            ),
+                        )
                     };
                     let mut l = o.latencies_us;
                     l.sort_unstable();
@@ -422,7 +436,7 @@ fn main() {
                         healthz = Some(rps);
                     }
                     assert!(
-                        !opts.smoke || mode != "envelope" || hsm == 0,
+                        !opts.smoke || mode != "envelope" || hsm == 0.0,
                         "{s}: {hsm} HSM operations in envelope mode"
                     );
                     assert!(
@@ -434,13 +448,13 @@ fn main() {
                         .map(|h| format!("{:.0}%", 100.0 * rps / h))
                         .unwrap_or_else(|| "-".into());
                     println!(
-                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {:.0} |",
+                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {:.0} |",
                         pct(&l, 0.50),
                         pct(&l, 0.90),
                         pct(&l, 0.99),
                         l.last().copied().unwrap_or(0) as f64 / 1000.0,
                         o.errors,
-                        hsm as f64 / o.requests.max(1) as f64,
+                        hsm / o.requests.max(1) as f64,
                         peak_rss_kib(pid) as f64 / 1024.0
                     );
                 }

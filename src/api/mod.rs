@@ -279,7 +279,7 @@ async fn metrics(State(state): State<AppState>, req: Request) -> Response {
     if !metrics_allowed(req.extensions().get::<PeerAddr>()) {
         return not_found().await.into_response();
     }
-    let (hsm, batches, units) = state.vault.counters();
+    let (hsm, writes) = state.vault.counters();
     let requests = REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
     let mut out = String::new();
     for (name, help, value) in [
@@ -296,16 +296,31 @@ async fn metrics(State(state): State<AppState>, req: Request) -> Response {
         (
             "cardvault_db_write_batches_total",
             "Group-commit transactions committed.",
-            batches,
+            writes.batches,
         ),
         (
             "cardvault_db_write_units_total",
             "Write units committed in those transactions.",
-            units,
+            writes.units,
         ),
     ] {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+    let name = "cardvault_db_write_seconds_total";
+    out.push_str(&format!(
+        "# HELP {name} Time the group-commit writer spent on committed batches, by phase: \
+         the units' statements, the batch's multi-row inserts, COMMIT.\n# TYPE {name} counter\n"
+    ));
+    for (phase, us) in [
+        ("units", writes.collect_us),
+        ("flush", writes.flush_us),
+        ("commit", writes.commit_us),
+    ] {
+        out.push_str(&format!(
+            "{name}{{phase=\"{phase}\"}} {}\n",
+            us as f64 / 1e6
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

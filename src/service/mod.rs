@@ -194,11 +194,13 @@ impl Vault {
         &self.keyring
     }
 
-    /// Counters for `/metrics`: HSM operations, group-commit batches and
-    /// the write units they carried.
-    pub fn counters(&self) -> (u64, u64, u64) {
-        let (batches, units) = self.storage.group_commit_stats();
-        (self.keyring.hsm_operations(), batches, units)
+    /// Counters for `/metrics`: HSM operations, and what the group-commit
+    /// writer has committed and how long it took.
+    pub fn counters(&self) -> (u64, crate::storage::GroupSnapshot) {
+        (
+            self.keyring.hsm_operations(),
+            self.storage.group_commit_stats(),
+        )
     }
 
     /// Readiness: the database and the HSM both answer.

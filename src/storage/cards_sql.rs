@@ -27,8 +27,8 @@ pub(super) fn created(
     events: &mut Vec<EventRecord>,
     audit: &mut Vec<AuditEntry>,
 ) {
-    events.push(lifecycle::card_created(&p.card, p.audit.at));
-    audit.push(p.audit.clone());
+    events.push(lifecycle::card_created(&p.write.card, p.write.audit.at));
+    audit.push(p.write.audit.clone());
     p.resolve(Ok(CardInsert::Created { default }));
 }
 
@@ -111,7 +111,7 @@ macro_rules! impl_card_batch {
                         ") SELECT * FROM ("
                     ));
                     insert.push_values(chunk, |mut row, p| {
-                        let c = &p.card;
+                        let c = &p.write.card;
                         row.push_bind(&c.id)
                             .push_bind(&c.merchant_id)
                             .push_bind(&c.customer_id)
@@ -175,8 +175,8 @@ macro_rules! impl_card_batch {
                 let mut seen = std::collections::HashSet::new();
                 let candidates: Vec<&PendingCard> = chunk
                     .iter()
-                    .filter(|p| inserted.contains(&p.card.id))
-                    .filter(|p| seen.insert(p.card.customer_id.as_str()))
+                    .filter(|p| inserted.contains(&p.write.card.id))
+                    .filter(|p| seen.insert(p.write.card.customer_id.as_str()))
                     .collect();
                 let mut defaults = std::collections::HashSet::new();
                 if !candidates.is_empty() {
@@ -184,9 +184,9 @@ macro_rules! impl_card_batch {
                         "UPDATE customers SET default_card_id = v.column2 FROM (",
                     );
                     update.push_values(&candidates, |mut row, p| {
-                        row.push_bind(&p.card.customer_id)
-                            .push_bind(&p.card.id)
-                            .push_bind(&p.card.merchant_id);
+                        row.push_bind(&p.write.card.customer_id)
+                            .push_bind(&p.write.card.id)
+                            .push_bind(&p.write.card.merchant_id);
                     });
                     update.push(
                         ") AS v WHERE customers.id = v.column1 \
@@ -202,13 +202,13 @@ macro_rules! impl_card_batch {
                     defaults.extend(set.into_iter().flatten());
                 }
                 for p in chunk {
-                    if inserted.contains(&p.card.id) {
-                        let default = defaults.contains(&p.card.id);
+                    if inserted.contains(&p.write.card.id) {
+                        let default = defaults.contains(&p.write.card.id);
                         $crate::storage::cards_sql::created(p, default, events, audit);
                     } else {
                         // Not the merchant's customer, or the card is
                         // already saved (perhaps earlier in this batch).
-                        p.resolve(match $by_fingerprint(&mut *conn, &p.card).await? {
+                        p.resolve(match $by_fingerprint(&mut *conn, &p.write.card).await? {
                             Some(existing) => Ok(CardInsert::Existing(existing)),
                             None => Err(StorageError::NotFound),
                         });
@@ -228,7 +228,7 @@ macro_rules! impl_card_batch {
                     sqlx::Executor::execute(&mut *conn, "SAVEPOINT card")
                         .await
                         .map_err($err)?;
-                    match Self::insert_one_card(&mut *conn, &p.card).await {
+                    match Self::insert_one_card(&mut *conn, &p.write.card).await {
                         Ok(CardInsert::Created { default }) => {
                             $crate::storage::cards_sql::created(p, default, events, audit);
                         }

@@ -22,7 +22,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -30,7 +30,9 @@ use sqlx::{Database, Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::SealerCell;
-use super::{AuditEntry, CardInsert, CardRecord, EventRecord, StorageError, StorageResult};
+use super::{
+    AuditEntry, CardInsert, CardRecord, ChargeRecord, EventRecord, StorageError, StorageResult,
+};
 
 /// Most units one transaction takes. Bounds how long the write lock is held
 /// and how much work one failed commit throws away.
@@ -47,28 +49,95 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) type Tx<DB> = Transaction<'static, DB>;
 
 /// A batch in progress: its transaction, plus the audit entries and events
-/// its units recorded. Those are written together just before the commit
-/// (one multi-row insert each, and one read of the audit chain head), so a
-/// unit pays for its own statements only.
+/// its units recorded and the writes they deferred. Those are written
+/// together just before the commit (one multi-row statement per kind, and
+/// one read of the audit chain head), so a unit pays for its own statements
+/// only.
 pub(super) struct Batch<DB: Database> {
     pub(super) tx: Tx<DB>,
     audit: Vec<AuditEntry>,
     events: Vec<EventRecord>,
-    cards: Vec<PendingCard>,
+    deferred: DeferredWrites,
 }
 
-/// A card insert waiting for its batch: all of a batch's cards are
-/// inserted together at the flush, and each one's outcome is filled in.
-pub(super) struct PendingCard {
+/// The writes of a batch that wait for its flush, by kind.
+#[derive(Default)]
+pub(super) struct DeferredWrites {
+    pub(super) cards: Vec<PendingCard>,
+    pub(super) new_charges: Vec<PendingNewCharge>,
+    pub(super) charge_changes: Vec<PendingChargeChange>,
+}
+
+type Slot<R> = Arc<std::sync::Mutex<Option<StorageResult<R>>>>;
+
+/// A write waiting for its batch's flush, where all writes of its kind go
+/// into one multi-row statement and each one's outcome is filled in.
+pub(super) struct Pending<W, R> {
+    pub(super) write: W,
+    slot: Slot<R>,
+}
+
+impl<W, R> Pending<W, R> {
+    /// Records the outcome of this write.
+    pub(super) fn resolve(&self, outcome: StorageResult<R>) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+/// A card to insert, with its audit entry (its `card.created` event is
+/// made at the flush, once its default status is known).
+pub(super) struct NewCard {
     pub(super) card: CardRecord,
     pub(super) audit: AuditEntry,
-    slot: Arc<std::sync::Mutex<Option<StorageResult<CardInsert>>>>,
 }
 
-impl PendingCard {
-    /// Records the outcome of this card's insert.
-    pub(super) fn resolve(&self, outcome: StorageResult<CardInsert>) {
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+/// A charge to insert (its metadata and line items already encoded), with
+/// its events and audit entry.
+pub(super) struct NewCharge {
+    pub(super) charge: ChargeRecord,
+    pub(super) metadata: String,
+    pub(super) line_items: String,
+    pub(super) events: Vec<EventRecord>,
+    pub(super) audit: AuditEntry,
+}
+
+/// A charge update that applies only if the stored charge still has
+/// `expected_version`; otherwise it fails with `Conflict`.
+pub(super) struct ChargeChange {
+    pub(super) charge: ChargeRecord,
+    pub(super) expected_version: i64,
+    pub(super) events: Vec<EventRecord>,
+    pub(super) audit: AuditEntry,
+}
+
+pub(super) type PendingCard = Pending<NewCard, CardInsert>;
+pub(super) type PendingNewCharge = Pending<NewCharge, ()>;
+pub(super) type PendingChargeChange = Pending<ChargeChange, ()>;
+
+/// A kind of write that waits for the flush: where a batch keeps it.
+pub(super) trait DeferredWrite: Sized + Send + 'static {
+    type Reply: Send + 'static;
+    fn queue(deferred: &mut DeferredWrites) -> &mut Vec<Pending<Self, Self::Reply>>;
+}
+
+impl DeferredWrite for NewCard {
+    type Reply = CardInsert;
+    fn queue(deferred: &mut DeferredWrites) -> &mut Vec<PendingCard> {
+        &mut deferred.cards
+    }
+}
+
+impl DeferredWrite for NewCharge {
+    type Reply = ();
+    fn queue(deferred: &mut DeferredWrites) -> &mut Vec<PendingNewCharge> {
+        &mut deferred.new_charges
+    }
+}
+
+impl DeferredWrite for ChargeChange {
+    type Reply = ();
+    fn queue(deferred: &mut DeferredWrites) -> &mut Vec<PendingChargeChange> {
+        &mut deferred.charge_changes
     }
 }
 
@@ -91,12 +160,13 @@ pub(super) trait GroupBackend: Database {
     fn storage_err(e: sqlx::Error) -> StorageError;
     /// Runs `sql` (savepoint statements) inside the transaction.
     fn exec<'a>(tx: &'a mut Tx<Self>, sql: &'static str) -> BoxFuture<'a, StorageResult<()>>;
-    /// Writes the batch's cards (resolving each), then its events and
-    /// chained audit entries (the cards' included), inside its transaction.
+    /// Writes the batch's deferred writes (resolving each), then its events
+    /// and chained audit entries (the stored writes' included), inside its
+    /// transaction.
     fn flush<'a>(
         tx: &'a mut Tx<Self>,
         sealer: &'a SealerCell,
-        cards: &'a [PendingCard],
+        deferred: &'a DeferredWrites,
         events: Vec<EventRecord>,
         audit: Vec<AuditEntry>,
     ) -> BoxFuture<'a, StorageResult<()>>;
@@ -151,33 +221,31 @@ where
     }
 }
 
-/// A card insert: joins the batch's multi-row insert at the flush.
-struct CardJob {
-    card: CardRecord,
-    audit: AuditEntry,
-    reply: oneshot::Sender<StorageResult<CardInsert>>,
+/// A deferred write: joins its kind's multi-row statement at the flush.
+struct Deferred<W: DeferredWrite> {
+    write: W,
+    reply: oneshot::Sender<StorageResult<W::Reply>>,
 }
 
-struct CardDone {
-    slot: Arc<std::sync::Mutex<Option<StorageResult<CardInsert>>>>,
-    reply: oneshot::Sender<StorageResult<CardInsert>>,
+struct DeferredDone<R> {
+    slot: Slot<R>,
+    reply: oneshot::Sender<StorageResult<R>>,
 }
 
-impl<DB: Database> Unit<DB> for CardJob {
+impl<DB: Database, W: DeferredWrite> Unit<DB> for Deferred<W> {
     fn touches_db(&self) -> bool {
         false
     }
 
     fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
-        let CardJob { card, audit, reply } = *self;
+        let Deferred { write, reply } = *self;
         let slot = Arc::new(std::sync::Mutex::new(None));
-        batch.cards.push(PendingCard {
-            card,
-            audit,
+        W::queue(&mut batch.deferred).push(Pending {
+            write,
             slot: Arc::clone(&slot),
         });
         Box::pin(std::future::ready(
-            Box::new(CardDone { slot, reply }) as Box<dyn Outcome>
+            Box::new(DeferredDone { slot, reply }) as Box<dyn Outcome>
         ))
     }
 
@@ -186,7 +254,7 @@ impl<DB: Database> Unit<DB> for CardJob {
     }
 }
 
-impl Outcome for CardDone {
+impl<R: Send + 'static> Outcome for DeferredDone<R> {
     fn succeeded(&self) -> bool {
         true
     }
@@ -200,7 +268,7 @@ impl Outcome for CardDone {
                 .take()
                 .unwrap_or_else(|| {
                     Err(StorageError::Other(
-                        "the card was left out of its batch".into(),
+                        "the write was left out of its batch".into(),
                     ))
                 }),
             Err(e) => Err(e.duplicate()),
@@ -254,15 +322,46 @@ impl<T: Send + 'static> Outcome for Done<T> {
 pub struct GroupStats {
     batches: AtomicU64,
     units: AtomicU64,
+    collect_us: AtomicU64,
+    flush_us: AtomicU64,
+    commit_us: AtomicU64,
+}
+
+/// What the writer has done since start. The three durations add up to the
+/// time the writer spent on committed batches: running the units' own
+/// statements (`collect`), the multi-row inserts at the end of a batch
+/// (`flush`), and `COMMIT` with its fsync (`commit`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub batches: u64,
+    pub units: u64,
+    pub collect_us: u64,
+    pub flush_us: u64,
+    pub commit_us: u64,
 }
 
 impl GroupStats {
-    /// `(committed batches, units in them)` since start.
-    pub fn snapshot(&self) -> (u64, u64) {
-        (
-            self.batches.load(Ordering::Relaxed),
-            self.units.load(Ordering::Relaxed),
-        )
+    pub fn snapshot(&self) -> GroupSnapshot {
+        GroupSnapshot {
+            batches: self.batches.load(Ordering::Relaxed),
+            units: self.units.load(Ordering::Relaxed),
+            collect_us: self.collect_us.load(Ordering::Relaxed),
+            flush_us: self.flush_us.load(Ordering::Relaxed),
+            commit_us: self.commit_us.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record(&self, units: usize, began: Instant, flushing: Instant, committing: Instant) {
+        let now = Instant::now();
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.units.fetch_add(units as u64, Ordering::Relaxed);
+        self.collect_us
+            .fetch_add(us(flushing - began), Ordering::Relaxed);
+        self.flush_us
+            .fetch_add(us(committing - flushing), Ordering::Relaxed);
+        self.commit_us
+            .fetch_add(us(now - committing), Ordering::Relaxed);
     }
 }
 
@@ -355,15 +454,12 @@ where
         self.submit(Box::new(Job { work, reply }), answer).await
     }
 
-    /// Inserts a card (with its audit entry and `card.created` event) in the
-    /// next batch, together with the batch's other cards.
-    pub(super) async fn insert_card(
-        &self,
-        card: CardRecord,
-        audit: AuditEntry,
-    ) -> StorageResult<CardInsert> {
+    /// Runs a deferred write in the next batch, together with the batch's
+    /// other writes of its kind (cards, new charges, charge updates), and
+    /// returns its outcome once the batch has committed.
+    pub(super) async fn defer<W: DeferredWrite>(&self, write: W) -> StorageResult<W::Reply> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Box::new(CardJob { card, audit, reply }), answer)
+        self.submit(Box::new(Deferred { write, reply }), answer)
             .await
     }
 
@@ -410,6 +506,7 @@ async fn run_batch<DB: GroupBackend>(
     first: Box<dyn Unit<DB>>,
     rx: &mut mpsc::Receiver<Box<dyn Unit<DB>>>,
 ) {
+    let started = Instant::now();
     let began = match DB::begin_group(&shared.pool).await {
         Ok(tx) => savepoint(tx, "SAVEPOINT unit").await,
         Err(e) => Err(e),
@@ -430,7 +527,7 @@ async fn run_batch<DB: GroupBackend>(
         tx,
         audit: Vec::new(),
         events: Vec::new(),
-        cards: Vec::new(),
+        deferred: DeferredWrites::default(),
     };
     let mut done: Vec<Box<dyn Outcome>> = Vec::new();
     let mut next = Some(first);
@@ -468,21 +565,19 @@ async fn run_batch<DB: GroupBackend>(
         mut tx,
         audit,
         events,
-        cards,
+        deferred,
     } = batch;
-    let flushed = DB::flush(&mut tx, &shared.sealer, &cards, events, audit).await;
+    let flushing = Instant::now();
+    let flushed = DB::flush(&mut tx, &shared.sealer, &deferred, events, audit).await;
+    let committing = Instant::now();
     let commit = match flushed {
         Ok(()) => tx.commit().await.map_err(DB::storage_err),
         Err(e) => Err(e),
     };
     match &commit {
-        Ok(()) => {
-            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .units
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-        }
+        Ok(()) => shared
+            .stats
+            .record(done.len(), started, flushing, committing),
         Err(e) => tracing::warn!(error = %e, units = done.len(), "group commit failed"),
     }
     settle_all(done, &commit);

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 mod cards_sql;
 pub mod chain;
+mod charges_sql;
 mod common;
 mod group;
 pub mod hosted;
@@ -26,7 +27,7 @@ mod sqlite_audit;
 mod tests;
 
 pub use chain::{AuditSealer, ChainRow, Checkpoint};
-pub use group::GroupStats;
+pub use group::{GroupSnapshot, GroupStats};
 pub use hosted::*;
 pub use payments::*;
 pub use postgres::PgStorage;
@@ -561,8 +562,9 @@ pub trait Storage:
     async fn health(&self) -> StorageResult<()>;
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
-    /// `(batches, units)` committed by the group-commit writer so far.
-    fn group_commit_stats(&self) -> (u64, u64);
+    /// What the group-commit writer has committed so far, and the time it
+    /// took.
+    fn group_commit_stats(&self) -> GroupSnapshot;
 }
 
 /// Opens the storage named by `url` (`sqlite://path` or `postgres://…`).

@@ -98,6 +98,7 @@ macro_rules! charge_columns {
          created_at, updated_at"
     };
 }
+pub(super) use charge_columns;
 
 #[derive(sqlx::FromRow)]
 struct ChargeRow {
@@ -590,46 +591,15 @@ macro_rules! impl_payment_stores {
                 events: &[EventRecord],
                 audit: &AuditEntry,
             ) -> StorageResult<()> {
-                let metadata = encode("metadata", &c.metadata)?;
-                let line_items = encode("line_items", &c.line_items)?;
-                let (c, events, audit) = (c.clone(), events.to_vec(), audit.clone());
-                self.writer.run(move |batch| Box::pin(async move {
-                sqlx::query(&$q(concat!(
-                    "INSERT INTO charges (",
-                    charge_columns!(),
-                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                )))
-                .bind(&c.id)
-                .bind(&c.merchant_id)
-                .bind(&c.customer_id)
-                .bind(&c.card_id)
-                .bind(c.amount)
-                .bind(&c.currency)
-                .bind(&c.status)
-                .bind(i64::from(c.captured))
-                .bind(c.amount_captured)
-                .bind(c.amount_refunded)
-                .bind(i64::from(c.capture_requested))
-                .bind(&c.failure_code)
-                .bind(&c.failure_message)
-                .bind(&c.next_action)
-                .bind(&c.description)
-                .bind(metadata)
-                .bind(line_items)
-                .bind(&c.processor)
-                .bind(&c.processor_ref)
-                .bind(c.version)
-                .bind(c.created_at)
-                .bind(c.updated_at)
-                .execute(&mut *batch.tx)
-                .await
-                .map_err($err)?;
-                for e in events {
-                    batch.event(e);
-                }
-                batch.audit(audit);
-                Ok(())
-                })).await
+                self.writer
+                    .defer($crate::storage::group::NewCharge {
+                        metadata: encode("metadata", &c.metadata)?,
+                        line_items: encode("line_items", &c.line_items)?,
+                        charge: c.clone(),
+                        events: events.to_vec(),
+                        audit: audit.clone(),
+                    })
+                    .await
             }
 
             async fn update_charge(
@@ -640,52 +610,35 @@ macro_rules! impl_payment_stores {
                 events: &[EventRecord],
                 audit: &AuditEntry,
             ) -> StorageResult<()> {
-                let (c, refund, events, audit) =
-                    (c.clone(), refund.cloned(), events.to_vec(), audit.clone());
+                let Some(refund) = refund else {
+                    // The common case joins the batch's multi-row update.
+                    return self
+                        .writer
+                        .defer($crate::storage::group::ChargeChange {
+                            charge: c.clone(),
+                            expected_version,
+                            events: events.to_vec(),
+                            audit: audit.clone(),
+                        })
+                        .await;
+                };
+                let (c, r, events, audit) =
+                    (c.clone(), refund.clone(), events.to_vec(), audit.clone());
                 self.writer.run(move |batch| Box::pin(async move {
-                let done = sqlx::query(&$q(
-                    "UPDATE charges SET status = ?, captured = ?, amount_captured = ?, \
-                     amount_refunded = ?, failure_code = ?, failure_message = ?, next_action = ?, \
-                     processor_ref = ?, version = ?, updated_at = ?, card_id = ? \
-                     WHERE merchant_id = ? AND id = ? AND version = ?",
+                <$storage>::update_one_charge(&mut *batch.tx, &c, expected_version).await?;
+                sqlx::query(&$q(
+                    "INSERT INTO refunds (id, merchant_id, charge_id, amount, status, \
+                     created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 ))
-                .bind(&c.status)
-                .bind(i64::from(c.captured))
-                .bind(c.amount_captured)
-                .bind(c.amount_refunded)
-                .bind(&c.failure_code)
-                .bind(&c.failure_message)
-                .bind(&c.next_action)
-                .bind(&c.processor_ref)
-                .bind(c.version)
-                .bind(c.updated_at)
-                .bind(&c.card_id)
-                .bind(&c.merchant_id)
-                .bind(&c.id)
-                .bind(expected_version)
+                .bind(&r.id)
+                .bind(&r.merchant_id)
+                .bind(&r.charge_id)
+                .bind(r.amount)
+                .bind(&r.status)
+                .bind(r.created_at)
                 .execute(&mut *batch.tx)
                 .await
                 .map_err($err)?;
-                if done.rows_affected() != 1 {
-                    return Err(StorageError::Conflict(
-                        "the charge changed concurrently".to_string(),
-                    ));
-                }
-                if let Some(r) = &refund {
-                    sqlx::query(&$q(
-                        "INSERT INTO refunds (id, merchant_id, charge_id, amount, status, \
-                         created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    ))
-                    .bind(&r.id)
-                    .bind(&r.merchant_id)
-                    .bind(&r.charge_id)
-                    .bind(r.amount)
-                    .bind(&r.status)
-                    .bind(r.created_at)
-                    .execute(&mut *batch.tx)
-                    .await
-                    .map_err($err)?;
-                }
                 for e in events {
                     batch.event(e);
                 }

@@ -111,13 +111,21 @@ impl GroupBackend for Postgres {
     fn flush<'a>(
         tx: &'a mut Tx<Postgres>,
         sealer: &'a super::chain::SealerCell,
-        cards: &'a [super::group::PendingCard],
+        deferred: &'a super::group::DeferredWrites,
         mut events: Vec<super::EventRecord>,
         mut audit: Vec<AuditEntry>,
     ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
         let conn: &'a mut sqlx::PgConnection = tx;
         Box::pin(async move {
-            PgStorage::insert_card_rows(conn, cards, &mut events, &mut audit).await?;
+            PgStorage::insert_card_rows(conn, &deferred.cards, &mut events, &mut audit).await?;
+            PgStorage::write_charge_rows(
+                conn,
+                &deferred.new_charges,
+                &deferred.charge_changes,
+                &mut events,
+                &mut audit,
+            )
+            .await?;
             PgStorage::insert_event_rows(conn, &events).await?;
             super::postgres_audit::insert_audit_rows(conn, sealer, &audit).await
         })
@@ -483,7 +491,13 @@ impl CardStore for PgStorage {
         card: &CardRecord,
         audit: &AuditEntry,
     ) -> StorageResult<CardInsert> {
-        let inserted = self.writer.insert_card(card.clone(), audit.clone()).await;
+        let inserted = self
+            .writer
+            .defer(super::group::NewCard {
+                card: card.clone(),
+                audit: audit.clone(),
+            })
+            .await;
         match inserted {
             Err(StorageError::Conflict(message)) => {
                 // The unit was rolled back: look for the card that won the
@@ -871,7 +885,7 @@ impl Storage for PgStorage {
         "postgres"
     }
 
-    fn group_commit_stats(&self) -> (u64, u64) {
+    fn group_commit_stats(&self) -> super::GroupSnapshot {
         self.writer.stats().snapshot()
     }
 }

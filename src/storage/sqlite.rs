@@ -125,13 +125,21 @@ impl GroupBackend for Sqlite {
     fn flush<'a>(
         tx: &'a mut Tx<Sqlite>,
         sealer: &'a super::chain::SealerCell,
-        cards: &'a [super::group::PendingCard],
+        deferred: &'a super::group::DeferredWrites,
         mut events: Vec<super::EventRecord>,
         mut audit: Vec<AuditEntry>,
     ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
         let conn: &'a mut sqlx::SqliteConnection = tx;
         Box::pin(async move {
-            SqliteStorage::insert_card_rows(conn, cards, &mut events, &mut audit).await?;
+            SqliteStorage::insert_card_rows(conn, &deferred.cards, &mut events, &mut audit).await?;
+            SqliteStorage::write_charge_rows(
+                conn,
+                &deferred.new_charges,
+                &deferred.charge_changes,
+                &mut events,
+                &mut audit,
+            )
+            .await?;
             SqliteStorage::insert_event_rows(conn, &events).await?;
             super::sqlite_audit::insert_audit_rows(conn, sealer, &audit).await
         })
@@ -483,7 +491,13 @@ impl CardStore for SqliteStorage {
         card: &CardRecord,
         audit: &AuditEntry,
     ) -> StorageResult<CardInsert> {
-        let inserted = self.writer.insert_card(card.clone(), audit.clone()).await;
+        let inserted = self
+            .writer
+            .defer(super::group::NewCard {
+                card: card.clone(),
+                audit: audit.clone(),
+            })
+            .await;
         match inserted {
             Err(StorageError::Conflict(message)) => {
                 // The write lock makes a duplicate fingerprint impossible,
@@ -851,7 +865,7 @@ impl Storage for SqliteStorage {
         "sqlite"
     }
 
-    fn group_commit_stats(&self) -> (u64, u64) {
+    fn group_commit_stats(&self) -> super::GroupSnapshot {
         self.writer.stats().snapshot()
     }
 }

@@ -171,6 +171,7 @@ on_both_backends!(
     data_keys_and_seal_reservations,
     audit_append_and_list,
     batched_writes_fail_alone_and_keep_the_chain,
+    batched_charge_writes_check_versions_per_row,
 );
 
 // ---------------------------------------------------------------- builders
@@ -999,6 +1000,155 @@ async fn batched_writes_fail_alone_and_keep_the_chain(s: &dyn Storage) {
         );
         assert_eq!(pair[1].hash.as_deref(), Some(&expected[..]));
     }
+}
+
+fn charge(merchant: &str, id: &str) -> ChargeRecord {
+    ChargeRecord {
+        id: id.to_string(),
+        merchant_id: merchant.to_string(),
+        customer_id: "cus_1".to_string(),
+        card_id: "card_1".to_string(),
+        amount: 1999,
+        currency: "USD".to_string(),
+        status: "processing".to_string(),
+        captured: false,
+        amount_captured: 0,
+        amount_refunded: 0,
+        capture_requested: true,
+        failure_code: None,
+        failure_message: None,
+        next_action: None,
+        description: Some("a charge".to_string()),
+        metadata: Metadata::new(),
+        line_items: Vec::new(),
+        processor: "sandbox".to_string(),
+        processor_ref: None,
+        version: 0,
+        created_at: 1_700_000_000,
+        updated_at: 1_700_000_000,
+    }
+}
+
+fn charge_event(c: &ChargeRecord, event_type: &str) -> EventRecord {
+    EventRecord {
+        id: format!("evt_{}_{}", c.id, c.version),
+        merchant_id: c.merchant_id.clone(),
+        event_type: event_type.to_string(),
+        data: format!("{{\"id\":\"{}\"}}", c.id),
+        created_at: c.updated_at,
+    }
+}
+
+/// Concurrent charge inserts and updates share batches (one multi-row
+/// statement each): of many updates racing from one version exactly one
+/// wins, an update of a charge whose version moved fails alone, a reused
+/// charge id fails alone, and only stored writes leave events and audit
+/// entries.
+async fn batched_charge_writes_check_versions_per_row(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    let before = all_audit(s).await.len();
+    let inserts = (0..60u32).map(|i| async move {
+        // Every tenth insert reuses the id of the one before it.
+        let id = if i % 10 == 9 { i - 1 } else { i };
+        let c = charge("mer_a", &format!("ch_{id}"));
+        let r = s
+            .insert_charge(
+                &c,
+                &[charge_event(&c, "charge.created")],
+                &audit("charge.create", Some("mer_a"), Some(&c.id)),
+            )
+            .await;
+        (i, r)
+    });
+    for (i, r) in futures_util::future::join_all(inserts).await {
+        if i % 10 == 9 {
+            assert!(matches!(r, Err(StorageError::Conflict(_))), "{i}: {r:?}");
+        } else {
+            r.unwrap();
+        }
+    }
+    // Eight racing updates of each charge from version 0: one wins.
+    let updates = (0..54u32)
+        .filter(|i| i % 10 != 9)
+        .flat_map(|i| (0..8u32).map(move |n| (i, n)))
+        .map(|(i, n)| async move {
+            let mut c = charge("mer_a", &format!("ch_{i}"));
+            c.status = "succeeded".to_string();
+            c.captured = true;
+            c.amount_captured = c.amount;
+            c.processor_ref = Some(format!("ref_{n}"));
+            c.version = 1;
+            c.updated_at += 1;
+            let r = s
+                .update_charge(
+                    &c,
+                    0,
+                    None,
+                    &[charge_event(&c, "charge.succeeded")],
+                    &audit("charge.authorize", Some("mer_a"), Some(&c.id)),
+                )
+                .await;
+            (i, r)
+        });
+    let mut wins = std::collections::BTreeMap::<u32, u32>::new();
+    for (i, r) in futures_util::future::join_all(updates).await {
+        match r {
+            Ok(()) => *wins.entry(i).or_default() += 1,
+            Err(StorageError::Conflict(_)) => {}
+            Err(e) => panic!("ch_{i}: {e:?}"),
+        }
+    }
+    assert_eq!(wins.len(), 49);
+    assert!(wins.values().all(|&n| n == 1), "{wins:?}");
+    // An update from a stale version fails; from the current one it works,
+    // also when both are in flight together.
+    let mut stale = charge("mer_a", "ch_0");
+    stale.version = 1;
+    stale.status = "canceled".to_string();
+    let mut next = stale.clone();
+    next.version = 2;
+    next.amount_refunded = 0;
+    next.status = "succeeded".to_string();
+    next.captured = true;
+    next.amount_captured = next.amount;
+    let a = audit("charge.update", Some("mer_a"), Some("ch_0"));
+    let (stale_r, next_r) = tokio::join!(
+        s.update_charge(&stale, 0, None, &[], &a),
+        s.update_charge(&next, 1, None, &[], &a)
+    );
+    assert!(
+        matches!(stale_r, Err(StorageError::Conflict(_))),
+        "{stale_r:?}"
+    );
+    next_r.unwrap();
+    let stored = s.get_charge("mer_a", "ch_0").await.unwrap().unwrap();
+    assert_eq!((stored.version, stored.status.as_str()), (2, "succeeded"));
+    assert_eq!(stored.description.as_deref(), Some("a charge"));
+
+    let rows = all_audit(s).await;
+    let count = |event: &str| {
+        rows[before..]
+            .iter()
+            .filter(|r| r.entry.event == event)
+            .count()
+    };
+    assert_eq!(
+        count("charge.create"),
+        54,
+        "only stored charges are audited"
+    );
+    assert_eq!(count("charge.authorize"), 49);
+    assert_eq!(count("charge.update"), 1);
+    let events = s
+        .list_events("mer_a", Some("charge.succeeded"), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(events.data.len(), 49);
+    let created = s
+        .list_events("mer_a", Some("charge.created"), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(created.data.len(), 54);
 }
 
 async fn delete_customer_removes_cards_and_audits(s: &dyn Storage) {

@@ -420,6 +420,10 @@ async fn alpn_and_tls_versions() {
 }
 
 async fn metric(app: &TestApp, name: &str) -> u64 {
+    metric_f64(app, name).await as u64
+}
+
+async fn metric_f64(app: &TestApp, name: &str) -> f64 {
     let text = app
         .client
         .get(format!("{}/metrics", app.base))
@@ -457,6 +461,8 @@ async fn metrics_count_hsm_operations_and_group_commits(backend: Backend, mode: 
     let hsm_before = metric(&app, "cardvault_hsm_operations_total").await;
     let units_before = metric(&app, "cardvault_db_write_units_total").await;
     let batches_before = metric(&app, "cardvault_db_write_batches_total").await;
+    let commit_s = r#"cardvault_db_write_seconds_total{phase="commit"}"#;
+    let commit_before = metric_f64(&app, commit_s).await;
     let work = (0..20u64).map(|i| {
         let (app, m, cus) = (&app, &m, &cus);
         async move {
@@ -491,6 +497,8 @@ async fn metrics_count_hsm_operations_and_group_commits(backend: Backend, mode: 
         batches >= 1 && batches <= units,
         "{batches} batches for {units} units"
     );
+    // Every commit syncs to disk: the writer's commit time grew.
+    assert!(metric_f64(&app, commit_s).await > commit_before);
     assert!(metric(&app, "cardvault_http_requests_total").await > 40);
 }
 matrix!(metrics_count_hsm_operations_and_group_commits);
