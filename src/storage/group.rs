@@ -507,11 +507,7 @@ async fn run_batch<DB: GroupBackend>(
     rx: &mut mpsc::Receiver<Box<dyn Unit<DB>>>,
 ) {
     let started = Instant::now();
-    let began = match DB::begin_group(&shared.pool).await {
-        Ok(tx) => savepoint(tx, "SAVEPOINT unit").await,
-        Err(e) => Err(e),
-    };
-    let tx = match began {
+    let tx = match DB::begin_group(&shared.pool).await {
         Ok(tx) => tx,
         Err(e) => {
             // The database is unreachable: everything already waiting would
@@ -530,9 +526,22 @@ async fn run_batch<DB: GroupBackend>(
         deferred: DeferredWrites::default(),
     };
     let mut done: Vec<Box<dyn Outcome>> = Vec::new();
+    // Opened before the first unit that runs statements of its own (a
+    // batch of deferred writes only needs none), kept open from there on.
+    let mut in_savepoint = false;
     let mut next = Some(first);
     while let Some(unit) = next.take() {
         let touches_db = unit.touches_db();
+        if touches_db && !in_savepoint {
+            if let Err(e) = DB::exec(&mut batch.tx, "SAVEPOINT unit").await {
+                // The transaction is no longer trustworthy: drop it (rolled
+                // back) and fail the whole batch.
+                unit.fail(&e);
+                settle_all(done, &Err(e));
+                return;
+            }
+            in_savepoint = true;
+        }
         let (audit_mark, events_mark) = (batch.audit.len(), batch.events.len());
         let outcome = unit.run(&mut batch).await;
         let succeeded = outcome.succeeded();
@@ -568,7 +577,16 @@ async fn run_batch<DB: GroupBackend>(
         deferred,
     } = batch;
     let flushing = Instant::now();
-    let flushed = DB::flush(&mut tx, &shared.sealer, &deferred, events, audit).await;
+    // The units are settled: the flush needs no savepoint of theirs around
+    // its own writes (each journaled page costs a copy).
+    let flushed = match in_savepoint {
+        true => DB::exec(&mut tx, "RELEASE SAVEPOINT unit").await,
+        false => Ok(()),
+    };
+    let flushed = match flushed {
+        Ok(()) => DB::flush(&mut tx, &shared.sealer, &deferred, events, audit).await,
+        Err(e) => Err(e),
+    };
     let committing = Instant::now();
     let commit = match flushed {
         Ok(()) => tx.commit().await.map_err(DB::storage_err),
@@ -587,11 +605,6 @@ fn settle_all(done: Vec<Box<dyn Outcome>>, commit: &StorageResult<()>) {
     for d in done {
         d.settle(commit);
     }
-}
-
-async fn savepoint<DB: GroupBackend>(mut tx: Tx<DB>, sql: &'static str) -> StorageResult<Tx<DB>> {
-    DB::exec(&mut tx, sql).await?;
-    Ok(tx)
 }
 
 impl StorageError {

@@ -49,6 +49,54 @@ pub struct SqliteStorage {
     pub(super) writer: GroupCommit<Sqlite>,
     /// MACs the audit chain; appends fail until it is installed.
     pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
+    /// Keeps the WAL checkpointer running; it stops once this is dropped.
+    _checkpointer: Arc<()>,
+}
+
+/// How often the checkpointer copies committed WAL frames into the database
+/// file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// The WAL size (pages) at which a committing connection checkpoints by
+/// itself: a safety net should the checkpointer fall behind.
+const AUTOCHECKPOINT_PAGES: &str = "16384";
+
+/// Moves WAL checkpoints off the write path. With SQLite's default, the
+/// commit that takes the WAL past 1,000 pages copies them into the database
+/// file and syncs it before it returns: every so often one write batch (and
+/// everyone waiting on it) paid for that. Here a thread of its own, with a
+/// connection of its own, runs `PRAGMA wal_checkpoint(PASSIVE)` every
+/// [`CHECKPOINT_EVERY`]: it never blocks the writer or readers, and it
+/// stops when the storage is dropped.
+fn start_checkpointer(
+    options: SqliteConnectOptions,
+    alive: std::sync::Weak<()>,
+) -> StorageResult<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StorageError::Other(format!("WAL checkpointer runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("cardvault-wal-checkpoint".to_string())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut conn: Option<sqlx::SqliteConnection> = None;
+                while alive.strong_count() > 0 {
+                    tokio::time::sleep(CHECKPOINT_EVERY).await;
+                    if conn.is_none() {
+                        conn = sqlx::Connection::connect_with(&options).await.ok();
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    if let Err(e) =
+                        sqlx::Executor::execute(&mut *c, "PRAGMA wal_checkpoint(PASSIVE)").await
+                    {
+                        tracing::debug!(error = %e, "WAL checkpoint failed; reconnecting");
+                        conn = None;
+                    }
+                }
+            })
+        })
+        .map_err(|e| StorageError::Other(format!("WAL checkpointer thread: {e}")))?;
+    Ok(())
 }
 
 /// SQLite primary result codes that mean "try again later" rather than a bug:
@@ -84,7 +132,14 @@ impl SqliteStorage {
             // Zero the bytes of deleted rows instead of leaving them in free
             // pages: a deleted card's ciphertext and fingerprint must not
             // linger in the file (or its copies).
-            .pragma("secure_delete", "ON");
+            .pragma("secure_delete", "ON")
+            // Savepoint and statement journals in memory, not in temporary
+            // files: the group-commit writer runs every batch inside
+            // savepoints, and copying each page it touches to a file cost
+            // it a write syscall per page. (It also keeps pages of card rows
+            // out of temporary files.)
+            .pragma("temp_store", "MEMORY")
+            .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -93,10 +148,17 @@ impl SqliteStorage {
             .await
             .map_err(db_err)?;
         let sealer: Arc<super::chain::SealerCell> = Default::default();
+        let checkpointer = Arc::new(());
+        // Never creates a database: it only checkpoints the one opened here.
+        start_checkpointer(
+            options.clone().create_if_missing(false),
+            Arc::downgrade(&checkpointer),
+        )?;
         Ok(SqliteStorage {
             writer: GroupCommit::start(options, Arc::clone(&sealer))?,
             pool,
             sealer,
+            _checkpointer: checkpointer,
         })
     }
 
