@@ -53,6 +53,21 @@ pub(super) fn settle<W: Recorded>(
     p.resolve(outcome);
 }
 
+/// `Ok` if `c` is among the charges an update statement returned, else the
+/// version conflict it lost.
+pub(super) fn applied(
+    updated: &std::collections::HashSet<String>,
+    c: &super::ChargeRecord,
+) -> StorageResult<()> {
+    if updated.contains(&c.id) {
+        Ok(())
+    } else {
+        Err(StorageError::Conflict(
+            "the charge changed concurrently".to_string(),
+        ))
+    }
+}
+
 /// Whether a failed multi-row statement is worth retrying row by row: not
 /// when the database itself is gone.
 pub(super) fn retry_one_by_one(e: &StorageError) -> bool {
@@ -60,45 +75,94 @@ pub(super) fn retry_one_by_one(e: &StorageError) -> bool {
 }
 
 macro_rules! impl_charge_batch {
-    ($storage:ty, $db:ty, $conn:ty, $q:path, $err:path) => {
+    ($storage:ty, $db:ty, $conn:ty, $err:path) => {
         impl $storage {
-            /// Inserts one charge.
-            pub(super) async fn insert_one_charge(
+            /// Inserts `rows` with one statement.
+            async fn insert_charges(
                 conn: &mut $conn,
-                w: &$crate::storage::group::NewCharge,
+                rows: &[&$crate::storage::group::NewCharge],
             ) -> StorageResult<()> {
-                let c = &w.charge;
-                sqlx::query(&$q(concat!(
+                let mut insert = sqlx::QueryBuilder::<$db>::new(concat!(
                     "INSERT INTO charges (",
                     charge_columns!(),
-                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                )))
-                .bind(&c.id)
-                .bind(&c.merchant_id)
-                .bind(&c.customer_id)
-                .bind(&c.card_id)
-                .bind(c.amount)
-                .bind(&c.currency)
-                .bind(&c.status)
-                .bind(i64::from(c.captured))
-                .bind(c.amount_captured)
-                .bind(c.amount_refunded)
-                .bind(i64::from(c.capture_requested))
-                .bind(&c.failure_code)
-                .bind(&c.failure_message)
-                .bind(&c.next_action)
-                .bind(&c.description)
-                .bind(&w.metadata)
-                .bind(&w.line_items)
-                .bind(&c.processor)
-                .bind(&c.processor_ref)
-                .bind(c.version)
-                .bind(c.created_at)
-                .bind(c.updated_at)
-                .execute(&mut *conn)
-                .await
-                .map_err($err)?;
+                    ") "
+                ));
+                insert.push_values(rows, |mut row, w| {
+                    let c = &w.charge;
+                    row.push_bind(&c.id)
+                        .push_bind(&c.merchant_id)
+                        .push_bind(&c.customer_id)
+                        .push_bind(&c.card_id)
+                        .push_bind(c.amount)
+                        .push_bind(&c.currency)
+                        .push_bind(&c.status)
+                        .push_bind(i64::from(c.captured))
+                        .push_bind(c.amount_captured)
+                        .push_bind(c.amount_refunded)
+                        .push_bind(i64::from(c.capture_requested))
+                        .push_bind(&c.failure_code)
+                        .push_bind(&c.failure_message)
+                        .push_bind(&c.next_action)
+                        .push_bind(&c.description)
+                        .push_bind(&w.metadata)
+                        .push_bind(&w.line_items)
+                        .push_bind(&c.processor)
+                        .push_bind(&c.processor_ref)
+                        .push_bind(c.version)
+                        .push_bind(c.created_at)
+                        .push_bind(c.updated_at);
+                });
+                insert
+                    .build()
+                    .persistent(false)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err($err)?;
                 Ok(())
+            }
+
+            /// Applies each `(charge, expected_version)` whose stored charge
+            /// still has that version, with one statement; returns the ids
+            /// of the charges it updated.
+            async fn update_charges(
+                conn: &mut $conn,
+                rows: &[(&$crate::storage::ChargeRecord, i64)],
+            ) -> StorageResult<std::collections::HashSet<String>> {
+                let mut update = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE charges SET status = v.column1, captured = v.column2, \
+                     amount_captured = v.column3, amount_refunded = v.column4, \
+                     failure_code = v.column5, failure_message = v.column6, \
+                     next_action = v.column7, processor_ref = v.column8, \
+                     version = v.column9, updated_at = v.column10, card_id = v.column11 \
+                     FROM (",
+                );
+                update.push_values(rows, |mut row, (c, expected_version)| {
+                    row.push_bind(&c.status)
+                        .push_bind(i64::from(c.captured))
+                        .push_bind(c.amount_captured)
+                        .push_bind(c.amount_refunded)
+                        .push_bind(&c.failure_code)
+                        .push_bind(&c.failure_message)
+                        .push_bind(&c.next_action)
+                        .push_bind(&c.processor_ref)
+                        .push_bind(c.version)
+                        .push_bind(c.updated_at)
+                        .push_bind(&c.card_id)
+                        .push_bind(&c.merchant_id)
+                        .push_bind(&c.id)
+                        .push_bind(*expected_version);
+                });
+                update.push(
+                    ") AS v WHERE charges.merchant_id = v.column12 AND charges.id = v.column13 \
+                     AND charges.version = v.column14 RETURNING charges.id",
+                );
+                let ids: Vec<String> = update
+                    .build_query_scalar()
+                    .persistent(false)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err($err)?;
+                Ok(ids.into_iter().collect())
             }
 
             /// Updates one charge if it still has `expected_version`.
@@ -107,35 +171,8 @@ macro_rules! impl_charge_batch {
                 c: &$crate::storage::ChargeRecord,
                 expected_version: i64,
             ) -> StorageResult<()> {
-                let done = sqlx::query(&$q(
-                    "UPDATE charges SET status = ?, captured = ?, amount_captured = ?, \
-                     amount_refunded = ?, failure_code = ?, failure_message = ?, next_action = ?, \
-                     processor_ref = ?, version = ?, updated_at = ?, card_id = ? \
-                     WHERE merchant_id = ? AND id = ? AND version = ?",
-                ))
-                .bind(&c.status)
-                .bind(i64::from(c.captured))
-                .bind(c.amount_captured)
-                .bind(c.amount_refunded)
-                .bind(&c.failure_code)
-                .bind(&c.failure_message)
-                .bind(&c.next_action)
-                .bind(&c.processor_ref)
-                .bind(c.version)
-                .bind(c.updated_at)
-                .bind(&c.card_id)
-                .bind(&c.merchant_id)
-                .bind(&c.id)
-                .bind(expected_version)
-                .execute(&mut *conn)
-                .await
-                .map_err($err)?;
-                if done.rows_affected() != 1 {
-                    return Err(StorageError::Conflict(
-                        "the charge changed concurrently".to_string(),
-                    ));
-                }
-                Ok(())
+                let updated = Self::update_charges(conn, &[(c, expected_version)]).await?;
+                $crate::storage::charges_sql::applied(&updated, c)
             }
 
             /// Writes the batch's new charges and charge updates inside the
@@ -151,42 +188,8 @@ macro_rules! impl_charge_batch {
                 use $crate::storage::charges_sql::{retry_one_by_one, settle};
                 for chunk in new.chunks($crate::storage::charges_sql::CHARGE_ROWS_PER_STATEMENT) {
                     Self::charge_savepoint(conn, "SAVEPOINT charges").await?;
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(concat!(
-                        "INSERT INTO charges (",
-                        charge_columns!(),
-                        ") "
-                    ));
-                    insert.push_values(chunk, |mut row, p| {
-                        let (w, c) = (&p.write, &p.write.charge);
-                        row.push_bind(&c.id)
-                            .push_bind(&c.merchant_id)
-                            .push_bind(&c.customer_id)
-                            .push_bind(&c.card_id)
-                            .push_bind(c.amount)
-                            .push_bind(&c.currency)
-                            .push_bind(&c.status)
-                            .push_bind(i64::from(c.captured))
-                            .push_bind(c.amount_captured)
-                            .push_bind(c.amount_refunded)
-                            .push_bind(i64::from(c.capture_requested))
-                            .push_bind(&c.failure_code)
-                            .push_bind(&c.failure_message)
-                            .push_bind(&c.next_action)
-                            .push_bind(&c.description)
-                            .push_bind(&w.metadata)
-                            .push_bind(&w.line_items)
-                            .push_bind(&c.processor)
-                            .push_bind(&c.processor_ref)
-                            .push_bind(c.version)
-                            .push_bind(c.created_at)
-                            .push_bind(c.updated_at);
-                    });
-                    let inserted = insert
-                        .build()
-                        .persistent(false)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err($err);
+                    let rows: Vec<_> = chunk.iter().map(|p| &p.write).collect();
+                    let inserted = Self::insert_charges(conn, &rows).await;
                     match inserted {
                         Ok(_) => {
                             for p in chunk {
@@ -197,7 +200,7 @@ macro_rules! impl_charge_batch {
                             Self::charge_savepoint(conn, "ROLLBACK TO SAVEPOINT charges").await?;
                             for p in chunk {
                                 Self::charge_savepoint(conn, "SAVEPOINT charge").await?;
-                                let one = Self::insert_one_charge(conn, &p.write).await;
+                                let one = Self::insert_charges(conn, &[&p.write]).await;
                                 Self::end_charge_savepoint(conn, &one).await?;
                                 settle(p, one, events, audit);
                             }
@@ -211,56 +214,23 @@ macro_rules! impl_charge_batch {
                 // statement; later ones run after it, one by one, in order.
                 let mut seen = std::collections::HashSet::new();
                 let (first, later): (Vec<_>, Vec<_>) = changes.iter().partition(|p| {
-                    seen.insert((p.write.charge.merchant_id.as_str(), p.write.charge.id.as_str()))
+                    seen.insert((
+                        p.write.charge.merchant_id.as_str(),
+                        p.write.charge.id.as_str(),
+                    ))
                 });
                 for chunk in first.chunks($crate::storage::charges_sql::CHARGE_ROWS_PER_STATEMENT) {
                     Self::charge_savepoint(conn, "SAVEPOINT charges").await?;
-                    let mut update = sqlx::QueryBuilder::<$db>::new(
-                        "UPDATE charges SET status = v.column1, captured = v.column2, \
-                         amount_captured = v.column3, amount_refunded = v.column4, \
-                         failure_code = v.column5, failure_message = v.column6, \
-                         next_action = v.column7, processor_ref = v.column8, \
-                         version = v.column9, updated_at = v.column10, card_id = v.column11 \
-                         FROM (",
-                    );
-                    update.push_values(chunk, |mut row, p| {
-                        let c = &p.write.charge;
-                        row.push_bind(&c.status)
-                            .push_bind(i64::from(c.captured))
-                            .push_bind(c.amount_captured)
-                            .push_bind(c.amount_refunded)
-                            .push_bind(&c.failure_code)
-                            .push_bind(&c.failure_message)
-                            .push_bind(&c.next_action)
-                            .push_bind(&c.processor_ref)
-                            .push_bind(c.version)
-                            .push_bind(c.updated_at)
-                            .push_bind(&c.card_id)
-                            .push_bind(&c.merchant_id)
-                            .push_bind(&c.id)
-                            .push_bind(p.write.expected_version);
-                    });
-                    update.push(
-                        ") AS v WHERE charges.merchant_id = v.column12 AND charges.id = v.column13 \
-                         AND charges.version = v.column14 RETURNING charges.id",
-                    );
-                    let updated: Result<Vec<String>, StorageError> = update
-                        .build_query_scalar()
-                        .persistent(false)
-                        .fetch_all(&mut *conn)
-                        .await
-                        .map_err($err);
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|p| (&p.write.charge, p.write.expected_version))
+                        .collect();
+                    let updated = Self::update_charges(conn, &rows).await;
                     match updated {
                         Ok(ids) => {
-                            let ids: std::collections::HashSet<String> = ids.into_iter().collect();
                             for p in chunk {
-                                let outcome = if ids.contains(&p.write.charge.id) {
-                                    Ok(())
-                                } else {
-                                    Err(StorageError::Conflict(
-                                        "the charge changed concurrently".to_string(),
-                                    ))
-                                };
+                                let outcome =
+                                    $crate::storage::charges_sql::applied(&ids, &p.write.charge);
                                 settle(p, outcome, events, audit);
                             }
                         }
@@ -324,13 +294,11 @@ impl_charge_batch!(
     super::SqliteStorage,
     sqlx::Sqlite,
     sqlx::SqliteConnection,
-    super::payments_sql::sqlite_sql,
     super::sqlite::db_err
 );
 impl_charge_batch!(
     super::PgStorage,
     sqlx::Postgres,
     sqlx::PgConnection,
-    super::payments_sql::pg_sql,
     super::postgres::db_err
 );
