@@ -137,7 +137,6 @@ macro_rules! impl_card_batch {
                     );
                     let inserted: Result<Vec<String>, StorageError> = insert
                         .build_query_scalar()
-                        .persistent(false)
                         .fetch_all(&mut *conn)
                         .await
                         .map_err($err);
@@ -195,7 +194,6 @@ macro_rules! impl_card_batch {
                     );
                     let set: Vec<Option<String>> = update
                         .build_query_scalar()
-                        .persistent(false)
                         .fetch_all(&mut *conn)
                         .await
                         .map_err($err)?;

@@ -102,12 +102,7 @@ macro_rules! impl_insert_audit_rows {
                         .push_bind(&link.mac[..])
                         .push_bind(&link.mac_key_id);
                 });
-                insert
-                    .build()
-                    .persistent(false)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err($err)?;
+                insert.build().execute(&mut *conn).await.map_err($err)?;
             }
             Ok(())
         }

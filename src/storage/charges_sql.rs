@@ -112,12 +112,7 @@ macro_rules! impl_charge_batch {
                         .push_bind(c.created_at)
                         .push_bind(c.updated_at);
                 });
-                insert
-                    .build()
-                    .persistent(false)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err($err)?;
+                insert.build().execute(&mut *conn).await.map_err($err)?;
                 Ok(())
             }
 
@@ -158,7 +153,6 @@ macro_rules! impl_charge_batch {
                 );
                 let ids: Vec<String> = update
                     .build_query_scalar()
-                    .persistent(false)
                     .fetch_all(&mut *conn)
                     .await
                     .map_err($err)?;

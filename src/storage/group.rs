@@ -41,6 +41,13 @@ const MAX_BATCH: usize = 512;
 const QUEUE: usize = 8192;
 /// How long the writer waits for its connection before failing a batch.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prepared statements the writer's connection keeps. A multi-row
+/// statement has one text per row count, so the flush alone has a few
+/// hundred (cards, events, webhook fan-out, audit entries, charges, up to
+/// the largest batch each). Kept prepared, each costs one round trip on
+/// PostgreSQL instead of two (parse, then execute) and no re-parse on
+/// SQLite.
+pub(super) const WRITER_STATEMENT_CACHE: usize = 1024;
 /// A batch that has not committed by then is abandoned (its connection is
 /// dropped, so the transaction rolls back) and its callers get a 503.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -422,6 +429,10 @@ where
                     let pool = sqlx::pool::PoolOptions::<DB>::new()
                         .max_connections(1)
                         .acquire_timeout(ACQUIRE_TIMEOUT)
+                        // sqlx pings every connection it takes back (and drops
+                        // one that fails), so a ping before each batch too
+                        // would only add a round trip to every commit cycle.
+                        .test_before_acquire(false)
                         .after_release(|conn, _| {
                             Box::pin(async move { Ok(super::common::reusable(conn)) })
                         })

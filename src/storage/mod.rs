@@ -17,6 +17,7 @@ mod common;
 mod group;
 pub mod hosted;
 mod hosted_sql;
+mod lean;
 pub mod payments;
 mod payments_sql;
 mod postgres;

@@ -416,7 +416,6 @@ macro_rules! impl_payment_stores {
                     });
                     insert
                         .build()
-                        .persistent(false)
                         .execute(&mut *conn)
                         .await
                         .map_err($err)?;
@@ -436,7 +435,6 @@ macro_rules! impl_payment_stores {
                     ids.push_unseparated(")");
                     fan_out
                         .build()
-                        .persistent(false)
                         .execute(&mut *conn)
                         .await
                         .map_err($err)?;

@@ -24,6 +24,7 @@ use super::common::{
     IdempotencyRow, MerchantRow,
 };
 use super::group::{GroupBackend, GroupCommit, Tx};
+use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::postgres_audit::insert_audit;
 use super::{
@@ -43,6 +44,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct PgStorage {
     pool: PgPool,
+    /// Single statements outside transactions (see [`super::lean`]).
+    reads: LeanPool<Postgres>,
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Postgres>,
     /// MACs the audit chain; appends fail until it is installed.
@@ -81,10 +84,15 @@ impl PgStorage {
             .connect_with(options.clone())
             .await
             .map_err(db_err)?;
+        let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         Ok(PgStorage {
-            writer: GroupCommit::start(options, Arc::clone(&sealer))?,
+            writer: GroupCommit::start(
+                options.statement_cache_capacity(super::group::WRITER_STATEMENT_CACHE),
+                Arc::clone(&sealer),
+            )?,
             pool,
+            reads,
             sealer,
         })
     }
@@ -284,7 +292,7 @@ impl MerchantStore for PgStorage {
         let row: Option<MerchantRow> =
             sqlx::query_as("SELECT id, name, created_at FROM merchants WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await
                 .map_err(db_err)?;
         Ok(row.map(MerchantRecord::from))
@@ -297,7 +305,7 @@ impl MerchantStore for PgStorage {
             " FROM api_keys WHERE hash = $1 AND revoked_at IS NULL"
         ))
         .bind(&hash[..])
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         row.map(ApiKeyRecord::try_from).transpose()
@@ -309,7 +317,7 @@ impl MerchantStore for PgStorage {
         sqlx::query("UPDATE api_keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2")
             .bind(at)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -356,7 +364,7 @@ impl CustomerStore for PgStorage {
         merchant_id: &str,
         id: &str,
     ) -> StorageResult<Option<CustomerRecord>> {
-        fetch_customer(&self.pool, merchant_id, id, false).await
+        fetch_customer(&self.reads, merchant_id, id, false).await
     }
 
     async fn update_customer(
@@ -449,7 +457,7 @@ impl CustomerStore for PgStorage {
                 sqlx::query_scalar("SELECT seq FROM customers WHERE merchant_id = $1 AND id = $2")
                     .bind(merchant_id)
                     .bind(after)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reads)
                     .await
                     .map_err(db_err)?
                     .ok_or(StorageError::NotFound)?,
@@ -473,7 +481,7 @@ impl CustomerStore for PgStorage {
             .push_bind(common::page_fetch_limit(limit));
         let rows: Vec<CustomerRow> = q
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(db_err)?;
         let rows = rows
@@ -503,7 +511,7 @@ impl CardStore for PgStorage {
                 // The unit was rolled back: look for the card that won the
                 // race, if that is what happened (a reused card id is a
                 // real conflict).
-                match fetch_card_by_fingerprint(&self.pool, card).await? {
+                match fetch_card_by_fingerprint(&self.reads, card).await? {
                     Some(existing) => Ok(CardInsert::Existing(existing)),
                     None => Err(StorageError::Conflict(message)),
                 }
@@ -517,7 +525,7 @@ impl CardStore for PgStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
-        fetch_card(&self.pool, merchant_id, card_id, false).await
+        fetch_card(&self.reads, merchant_id, card_id, false).await
     }
 
     async fn get_card_view(
@@ -534,7 +542,7 @@ impl CardStore for PgStorage {
         ))
         .bind(merchant_id)
         .bind(card_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
@@ -554,7 +562,7 @@ impl CardStore for PgStorage {
         ))
         .bind(merchant_id)
         .bind(customer_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows
@@ -575,7 +583,7 @@ impl CardStore for PgStorage {
         ))
         .bind(merchant_id)
         .bind(customer_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows.into_iter().map(CardRecord::from).collect())
@@ -706,7 +714,7 @@ impl KeyStore for PgStorage {
             " FROM data_keys WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(DataKeyRecord::from))
@@ -725,7 +733,7 @@ impl KeyStore for PgStorage {
         ))
         .bind(merchant_id)
         .bind(purpose)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(DataKeyRecord::from))
@@ -739,7 +747,7 @@ impl KeyStore for PgStorage {
         )
         .bind(block)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)
@@ -777,7 +785,7 @@ impl IdempotencyStore for PgStorage {
             .bind(&request_hash[..])
             .bind(common::IDEMPOTENCY_PENDING)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
             if inserted.rows_affected() == 1 {
@@ -789,7 +797,7 @@ impl IdempotencyStore for PgStorage {
             )
             .bind(merchant_id)
             .bind(key)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await
             .map_err(db_err)?;
             // No row: released between our insert and read; claim again.
@@ -818,7 +826,7 @@ impl IdempotencyStore for PgStorage {
         .bind(body)
         .bind(merchant_id)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.reads)
         .await
         .map_err(db_err)?;
         if done.rows_affected() == 0 {
@@ -836,7 +844,7 @@ impl IdempotencyStore for PgStorage {
         .bind(merchant_id)
         .bind(key)
         .bind(common::IDEMPOTENCY_PENDING)
-        .execute(&self.pool)
+        .execute(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(())
@@ -857,7 +865,7 @@ impl AuditStore for PgStorage {
         ))
         .bind(after_seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows.into_iter().map(AuditRow::from).collect())
@@ -875,7 +883,7 @@ impl Storage for PgStorage {
 
     async fn health(&self) -> StorageResult<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
         Ok(())

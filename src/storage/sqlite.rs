@@ -24,6 +24,7 @@ use super::common::{
     IdempotencyRow, MerchantRow,
 };
 use super::group::{GroupBackend, GroupCommit, Tx};
+use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
 use super::{
@@ -45,6 +46,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    /// Single statements outside transactions (see [`super::lean`]).
+    reads: LeanPool<Sqlite>,
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Sqlite>,
     /// MACs the audit chain; appends fail until it is installed.
@@ -147,6 +150,7 @@ impl SqliteStorage {
             .connect_with(options.clone())
             .await
             .map_err(db_err)?;
+        let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         let checkpointer = Arc::new(());
         // Never creates a database: it only checkpoints the one opened here.
@@ -155,8 +159,12 @@ impl SqliteStorage {
             Arc::downgrade(&checkpointer),
         )?;
         Ok(SqliteStorage {
-            writer: GroupCommit::start(options, Arc::clone(&sealer))?,
+            writer: GroupCommit::start(
+                options.statement_cache_capacity(super::group::WRITER_STATEMENT_CACHE),
+                Arc::clone(&sealer),
+            )?,
             pool,
+            reads,
             sealer,
             _checkpointer: checkpointer,
         })
@@ -344,7 +352,7 @@ impl MerchantStore for SqliteStorage {
         let row: Option<MerchantRow> =
             sqlx::query_as("SELECT id, name, created_at FROM merchants WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await
                 .map_err(db_err)?;
         Ok(row.map(MerchantRecord::from))
@@ -357,7 +365,7 @@ impl MerchantStore for SqliteStorage {
             " FROM api_keys WHERE hash = ? AND revoked_at IS NULL"
         ))
         .bind(&hash[..])
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         row.map(ApiKeyRecord::try_from).transpose()
@@ -370,7 +378,7 @@ impl MerchantStore for SqliteStorage {
         )
         .bind(at)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(())
@@ -417,7 +425,7 @@ impl CustomerStore for SqliteStorage {
         merchant_id: &str,
         id: &str,
     ) -> StorageResult<Option<CustomerRecord>> {
-        fetch_customer(&self.pool, merchant_id, id).await
+        fetch_customer(&self.reads, merchant_id, id).await
     }
 
     async fn update_customer(
@@ -511,7 +519,7 @@ impl CustomerStore for SqliteStorage {
                 sqlx::query_scalar("SELECT seq FROM customers WHERE merchant_id = ? AND id = ?")
                     .bind(merchant_id)
                     .bind(after)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reads)
                     .await
                     .map_err(db_err)?
                     .ok_or(StorageError::NotFound)?,
@@ -535,7 +543,7 @@ impl CustomerStore for SqliteStorage {
             .push_bind(common::page_fetch_limit(limit));
         let rows: Vec<CustomerRow> = q
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(db_err)?;
         let rows = rows
@@ -565,7 +573,7 @@ impl CardStore for SqliteStorage {
                 // The write lock makes a duplicate fingerprint impossible,
                 // but answer it like the check should one slip through;
                 // anything else (a reused card id) is a conflict.
-                match fetch_card_by_fingerprint(&self.pool, card).await? {
+                match fetch_card_by_fingerprint(&self.reads, card).await? {
                     Some(existing) => Ok(CardInsert::Existing(existing)),
                     None => Err(StorageError::Conflict(message)),
                 }
@@ -579,7 +587,7 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
-        fetch_card(&self.pool, merchant_id, card_id).await
+        fetch_card(&self.reads, merchant_id, card_id).await
     }
 
     async fn get_card_view(
@@ -596,7 +604,7 @@ impl CardStore for SqliteStorage {
         ))
         .bind(merchant_id)
         .bind(card_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
@@ -616,7 +624,7 @@ impl CardStore for SqliteStorage {
         ))
         .bind(merchant_id)
         .bind(customer_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows
@@ -637,7 +645,7 @@ impl CardStore for SqliteStorage {
         ))
         .bind(merchant_id)
         .bind(customer_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows.into_iter().map(CardRecord::from).collect())
@@ -750,7 +758,7 @@ impl KeyStore for SqliteStorage {
             " FROM data_keys WHERE id = ?"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(DataKeyRecord::from))
@@ -769,7 +777,7 @@ impl KeyStore for SqliteStorage {
         ))
         .bind(merchant_id)
         .bind(purpose)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(row.map(DataKeyRecord::from))
@@ -783,7 +791,7 @@ impl KeyStore for SqliteStorage {
         )
         .bind(block)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)
@@ -821,7 +829,7 @@ impl IdempotencyStore for SqliteStorage {
             .bind(&request_hash[..])
             .bind(common::IDEMPOTENCY_PENDING)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
             if inserted.rows_affected() == 1 {
@@ -833,7 +841,7 @@ impl IdempotencyStore for SqliteStorage {
             )
             .bind(merchant_id)
             .bind(key)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await
             .map_err(db_err)?;
             // No row: released between our insert and read; claim again.
@@ -862,7 +870,7 @@ impl IdempotencyStore for SqliteStorage {
         .bind(body)
         .bind(merchant_id)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.reads)
         .await
         .map_err(db_err)?;
         if done.rows_affected() == 0 {
@@ -878,7 +886,7 @@ impl IdempotencyStore for SqliteStorage {
             .bind(merchant_id)
             .bind(key)
             .bind(common::IDEMPOTENCY_PENDING)
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -899,7 +907,7 @@ impl AuditStore for SqliteStorage {
         ))
         .bind(after_seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
         Ok(rows.into_iter().map(AuditRow::from).collect())
@@ -917,7 +925,7 @@ impl Storage for SqliteStorage {
 
     async fn health(&self) -> StorageResult<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(db_err)?;
         Ok(())

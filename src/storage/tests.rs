@@ -1633,3 +1633,119 @@ async fn connections_left_in_a_transaction_are_not_reused() {
     sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
     tx.commit().await.unwrap();
 }
+
+// ---------------------------------------------------------------- lean pool
+
+/// The lean pool hands the same connection back without new connections,
+/// keeps it after errors that say nothing about the connection, drops it
+/// after any other, and never holds more than its size.
+#[tokio::test]
+async fn lean_pool_reuses_connections_and_drops_doubtful_ones() {
+    use super::lean::LeanPool;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("lean.db"))
+        .create_if_missing(true);
+    let pool = LeanPool::<sqlx::Sqlite>::new(options, 2, Duration::from_secs(5));
+    // A temporary table lives only in the connection that made it.
+    sqlx::query("CREATE TEMP TABLE mine (x INTEGER UNIQUE)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for x in 0..20 {
+        sqlx::query("INSERT INTO mine VALUES (?)")
+            .bind(x)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let dup = sqlx::query("INSERT INTO mine VALUES (1)")
+        .execute(&pool)
+        .await;
+    assert!(matches!(dup, Err(sqlx::Error::Database(_))), "{dup:?}");
+    let count = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM mine");
+    assert_eq!(count.fetch_one(&pool).await.unwrap(), 20);
+    assert_eq!(pool.idle_count(), 1);
+
+    // Anything but a constraint error: the connection (and its temporary
+    // table) is gone, a new one serves the next statement.
+    assert!(sqlx::query("SELEKT 1").execute(&pool).await.is_err());
+    assert_eq!(pool.idle_count(), 0);
+    let gone = sqlx::query("SELECT count(*) FROM mine")
+        .execute(&pool)
+        .await;
+    assert!(gone.is_err(), "{gone:?}");
+
+    let all = futures_util::future::join_all(
+        (0..16).map(|_| sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(&pool)),
+    )
+    .await;
+    assert!(all.iter().all(|r| matches!(r, Ok(1))), "{all:?}");
+    assert!((1..=2).contains(&pool.idle_count()));
+}
+
+/// A connection the server ended: used within the idle window it fails one
+/// statement, as unavailable, and is replaced; pinged before use it is
+/// replaced without an error. A statement abandoned halfway (a cancelled
+/// request) discards its connection.
+#[tokio::test]
+async fn lean_pool_replaces_connections_the_server_ended() {
+    use super::lean::LeanPool;
+    use std::str::FromStr;
+    use std::time::Duration;
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(&with_database(&db.admin_url, &db.name))
+            .unwrap();
+    let pid = |pool: &LeanPool<sqlx::Postgres>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    let admin = db.storage().pool().clone();
+    let terminate = |pid: i32| {
+        let admin = admin.clone();
+        async move {
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+                .bind(pid)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+            assert!(ended);
+        }
+    };
+
+    let pool = LeanPool::<sqlx::Postgres>::new(options.clone(), 1, Duration::from_secs(5));
+    let first = pid(&pool).await.unwrap();
+    assert_eq!(pid(&pool).await.unwrap(), first, "reused");
+    terminate(first).await;
+    let failed = pid(&pool).await.unwrap_err();
+    assert!(
+        matches!(postgres::db_err(failed), StorageError::Unavailable(_)),
+        "a dead connection is unavailable"
+    );
+    let second = pid(&pool).await.unwrap();
+    assert_ne!(second, first);
+
+    let pool = LeanPool::<sqlx::Postgres>::new(options, 1, Duration::from_secs(5))
+        .ping_after_idle(Duration::ZERO);
+    let third = pid(&pool).await.unwrap();
+    terminate(third).await;
+    let fourth = pid(&pool).await.unwrap();
+    assert_ne!(fourth, third);
+
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        sqlx::query("SELECT pg_sleep(2)").execute(&pool),
+    )
+    .await;
+    assert!(abandoned.is_err(), "timed out");
+    assert_eq!(pool.idle_count(), 0);
+    assert_ne!(pid(&pool).await.unwrap(), fourth);
+}
