@@ -2,19 +2,18 @@
 //! SQL is the same; `QueryBuilder` numbers the placeholders).
 //!
 //! All cards of a batch go into one multi-row `INSERT … SELECT … FROM
-//! (VALUES …) WHERE EXISTS (customer) ON CONFLICT (customer_id,
-//! fingerprint) DO NOTHING RETURNING id`, and the first card of each
-//! customer without a default becomes its default with one `UPDATE … FROM
-//! (VALUES …)`. A card the insert skipped is looked up (the customer
-//! already has it, or the customer is not the merchant's). Should the
-//! multi-row insert fail as a whole (a reused card id), the chunk is rolled
-//! back and its cards are inserted one by one, each in its own savepoint,
-//! so only the faulty one fails.
+//! (VALUES …) WHERE EXISTS (customer) ON CONFLICT DO NOTHING RETURNING id`,
+//! and the first card of each customer without a default becomes its
+//! default with one `UPDATE … FROM (VALUES …)`. The insert skips, rather
+//! than fails on, a card that breaks a unique index, so one faulty card
+//! never costs the others (and no savepoint is needed). A skipped card is
+//! then looked up: the customer already has it (same fingerprint), its id
+//! is taken (a conflict), or the customer is not the merchant's.
 
 use super::common::card_columns;
 use super::group::PendingCard;
 use super::payments_sql::lifecycle;
-use super::{AuditEntry, CardInsert, CardRecord, EventRecord, StorageError, StorageResult};
+use super::{AuditEntry, CardInsert, EventRecord, StorageError, StorageResult};
 
 /// Cards per multi-row insert: 17 binds each stays below both backends'
 /// limits on bound parameters.
@@ -35,63 +34,6 @@ pub(super) fn created(
 macro_rules! impl_card_batch {
     ($storage:ty, $db:ty, $conn:ty, $q:path, $err:path, $by_fingerprint:path) => {
         impl $storage {
-            /// One card insert (the slow path): two statements on the
-            /// common path. The insert happens only if the customer is the
-            /// merchant's and has no card with this fingerprint (the unique
-            /// index decides, also against other nodes); the first card
-            /// becomes the default.
-            async fn insert_one_card(conn: &mut $conn, card: &CardRecord) -> StorageResult<CardInsert> {
-                let inserted = sqlx::query(&$q(concat!(
-                    "INSERT INTO cards (",
-                    card_columns!(),
-                    ") SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-                     WHERE EXISTS (SELECT 1 FROM customers WHERE id = ? AND merchant_id = ?) \
-                     ON CONFLICT (customer_id, fingerprint) DO NOTHING"
-                )))
-                .bind(&card.id)
-                .bind(&card.merchant_id)
-                .bind(&card.customer_id)
-                .bind(&card.pan_ciphertext)
-                .bind(&card.dek_id)
-                .bind(&card.fingerprint)
-                .bind(&card.bin)
-                .bind(&card.last4)
-                .bind(card.pan_length)
-                .bind(&card.brand)
-                .bind(&card.funding)
-                .bind(card.exp_month)
-                .bind(card.exp_year)
-                .bind(&card.holder_name)
-                .bind(&card.alias)
-                .bind(&card.status)
-                .bind(card.created_at)
-                .bind(&card.customer_id)
-                .bind(&card.merchant_id)
-                .execute(&mut *conn)
-                .await
-                .map_err($err)?;
-                if inserted.rows_affected() == 0 {
-                    // Not the merchant's customer, or the card is already saved.
-                    return match $by_fingerprint(&mut *conn, card).await? {
-                        Some(existing) => Ok(CardInsert::Existing(existing)),
-                        None => Err(StorageError::NotFound),
-                    };
-                }
-                let default = sqlx::query(&$q(
-                    "UPDATE customers SET default_card_id = ? \
-                     WHERE id = ? AND merchant_id = ? AND default_card_id IS NULL",
-                ))
-                .bind(&card.id)
-                .bind(&card.customer_id)
-                .bind(&card.merchant_id)
-                .execute(&mut *conn)
-                .await
-                .map_err($err)?
-                .rows_affected()
-                    == 1;
-                Ok(CardInsert::Created { default })
-            }
-
             /// Inserts the batch's cards inside the caller's transaction,
             /// resolving each and recording the stored ones' events and
             /// audit entries.
@@ -102,9 +44,6 @@ macro_rules! impl_card_batch {
                 audit: &mut Vec<AuditEntry>,
             ) -> StorageResult<()> {
                 for chunk in cards.chunks($crate::storage::cards_sql::CARD_ROWS_PER_INSERT) {
-                    sqlx::Executor::execute(&mut *conn, "SAVEPOINT cards")
-                        .await
-                        .map_err($err)?;
                     let mut insert = sqlx::QueryBuilder::<$db>::new(concat!(
                         "INSERT INTO cards (",
                         card_columns!(),
@@ -133,29 +72,15 @@ macro_rules! impl_card_batch {
                     insert.push(
                         ") AS v WHERE EXISTS (SELECT 1 FROM customers \
                          WHERE customers.id = v.column3 AND customers.merchant_id = v.column2) \
-                         ON CONFLICT (customer_id, fingerprint) DO NOTHING RETURNING id",
+                         ON CONFLICT DO NOTHING RETURNING id",
                     );
-                    let inserted: Result<Vec<String>, StorageError> = insert
+                    let ids: Vec<String> = insert
                         .build_query_scalar()
                         .fetch_all(&mut *conn)
                         .await
-                        .map_err($err);
-                    match inserted {
-                        Ok(ids) => {
-                            let ids: std::collections::HashSet<String> = ids.into_iter().collect();
-                            Self::settle_card_chunk(conn, chunk, &ids, events, audit).await?;
-                        }
-                        Err(StorageError::Conflict(_)) => {
-                            sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT cards")
-                                .await
-                                .map_err($err)?;
-                            Self::insert_cards_one_by_one(conn, chunk, events, audit).await?;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    sqlx::Executor::execute(&mut *conn, "RELEASE SAVEPOINT cards")
-                        .await
                         .map_err($err)?;
+                    let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+                    Self::settle_card_chunk(conn, chunk, &ids, events, audit).await?;
                 }
                 Ok(())
             }
@@ -204,10 +129,15 @@ macro_rules! impl_card_batch {
                         let default = defaults.contains(&p.write.card.id);
                         $crate::storage::cards_sql::created(p, default, events, audit);
                     } else {
-                        // Not the merchant's customer, or the card is
-                        // already saved (perhaps earlier in this batch).
-                        p.resolve(match $by_fingerprint(&mut *conn, &p.write.card).await? {
+                        // The card is already saved (perhaps earlier in this
+                        // batch), its id is taken, or the customer is not
+                        // the merchant's.
+                        let card = &p.write.card;
+                        p.resolve(match $by_fingerprint(&mut *conn, card).await? {
                             Some(existing) => Ok(CardInsert::Existing(existing)),
+                            None if Self::card_id_taken(&mut *conn, &card.id).await? => Err(
+                                StorageError::Conflict("a card with this id exists".to_string()),
+                            ),
                             None => Err(StorageError::NotFound),
                         });
                     }
@@ -215,34 +145,13 @@ macro_rules! impl_card_batch {
                 Ok(())
             }
 
-            /// The slow path: one card at a time, each in its own savepoint.
-            async fn insert_cards_one_by_one(
-                conn: &mut $conn,
-                chunk: &[PendingCard],
-                events: &mut Vec<EventRecord>,
-                audit: &mut Vec<AuditEntry>,
-            ) -> StorageResult<()> {
-                for p in chunk {
-                    sqlx::Executor::execute(&mut *conn, "SAVEPOINT card")
-                        .await
-                        .map_err($err)?;
-                    match Self::insert_one_card(&mut *conn, &p.write.card).await {
-                        Ok(CardInsert::Created { default }) => {
-                            $crate::storage::cards_sql::created(p, default, events, audit);
-                        }
-                        Ok(existing) => p.resolve(Ok(existing)),
-                        Err(e) => {
-                            sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT card")
-                                .await
-                                .map_err($err)?;
-                            p.resolve(Err(e));
-                        }
-                    }
-                    sqlx::Executor::execute(&mut *conn, "RELEASE SAVEPOINT card")
-                        .await
-                        .map_err($err)?;
-                }
-                Ok(())
+            async fn card_id_taken(conn: &mut $conn, id: &str) -> StorageResult<bool> {
+                let found: Option<i32> = sqlx::query_scalar(&$q("SELECT 1 FROM cards WHERE id = ?"))
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err($err)?;
+                Ok(found.is_some())
             }
         }
     };
