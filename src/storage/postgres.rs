@@ -313,14 +313,25 @@ impl MerchantStore for PgStorage {
 
     async fn touch_api_key(&self, id: &str, at: i64) -> StorageResult<()> {
         // GREATEST (which ignores NULL): batched touches may arrive out of
-        // order; never go backwards.
-        sqlx::query("UPDATE api_keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2")
-            .bind(at)
-            .bind(id)
-            .execute(&self.reads)
+        // order; never go backwards. It rides on the writer's next batch
+        // instead of paying a commit of its own.
+        let id = id.to_string();
+        self.writer
+            .run(move |batch| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE api_keys SET last_used_at = GREATEST(last_used_at, $1) \
+                         WHERE id = $2",
+                    )
+                    .bind(at)
+                    .bind(&id)
+                    .execute(&mut *batch.tx)
+                    .await
+                    .map_err(db_err)?;
+                    Ok(())
+                })
+            })
             .await
-            .map_err(db_err)?;
-        Ok(())
     }
 }
 
