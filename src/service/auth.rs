@@ -4,7 +4,7 @@
 //! hot path does not hit the database for every request.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -18,6 +18,12 @@ use crate::storage::{ApiKeyKind, ApiKeyRecord, AuditEntry, MerchantRecord};
 /// every node within this time.
 const CACHE_TTL: Duration = Duration::from_secs(10);
 const CACHE_MAX: usize = 10_000;
+/// A key's `last_used_at` is written at most this often per node. When a
+/// busy key drops out of the cache, every connection using it misses at
+/// once: without this, each of them wrote the same row (64 writes in one
+/// batch in the load run). Inactivity is reported in days, so a minute of
+/// precision loses nothing.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 /// Permissions beyond the default ones of a secret key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +77,8 @@ impl std::fmt::Debug for NewMerchant {
 #[derive(Default)]
 pub(super) struct KeyCache {
     entries: RwLock<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// When this node last recorded each key's use, by key id.
+    touched: Mutex<HashMap<String, Instant>>,
 }
 
 fn hash_key(key: &str) -> [u8; 32] {
@@ -174,8 +182,10 @@ impl Vault {
             scopes: rec.scopes.clone(),
         };
         // Recording the use is best effort: it must not fail the request.
-        if let Err(e) = self.storage.touch_api_key(&rec.id, now()).await {
-            tracing::warn!(error = %e, key_id = %rec.id, "could not record API key use");
+        if self.auth_cache.should_touch(&rec.id, Instant::now()) {
+            if let Err(e) = self.storage.touch_api_key(&rec.id, now()).await {
+                tracing::warn!(error = %e, key_id = %rec.id, "could not record API key use");
+            }
         }
         self.auth_cache.put(hash, principal.clone());
         Ok(principal)
@@ -202,10 +212,44 @@ impl KeyCache {
         }
         map.insert(hash, (principal, Instant::now()));
     }
+
+    /// Whether this use of key `id` at `at` should be written: the first
+    /// use, or the first after [`TOUCH_EVERY`]. Records it if so.
+    fn should_touch(&self, id: &str, at: Instant) -> bool {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if touched
+            .get(id)
+            .is_some_and(|last| at.saturating_duration_since(*last) < TOUCH_EVERY)
+        {
+            return false;
+        }
+        if touched.len() >= CACHE_MAX {
+            touched.retain(|_, last| at.saturating_duration_since(*last) < TOUCH_EVERY);
+            if touched.len() >= CACHE_MAX {
+                touched.clear();
+            }
+        }
+        touched.insert(id.to_string(), at);
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn key_use_is_written_once_per_interval() {
+        let cache = super::KeyCache::default();
+        let t0 = Instant::now();
+        assert!(cache.should_touch("key_a", t0));
+        assert!(!cache.should_touch("key_a", t0 + Duration::from_secs(1)));
+        assert!(cache.should_touch("key_b", t0 + Duration::from_secs(1)));
+        assert!(!cache.should_touch("key_a", t0 + Duration::from_secs(59)));
+        assert!(cache.should_touch("key_a", t0 + super::TOUCH_EVERY));
+        assert!(!cache.should_touch("key_a", t0 + super::TOUCH_EVERY));
+    }
+
     #[test]
     fn new_merchant_debug_hides_the_secret_key() {
         let m = super::NewMerchant {
