@@ -290,7 +290,9 @@ async fn no_pan_or_secret_at_rest_or_in_logs(backend: Backend, mode: CryptoMode)
         ("diners", unique_pan("36", 14), "diners"),
         ("maestro12", unique_pan("6759", 12), "maestro"),
         ("elo", unique_pan("636297", 16), "elo"),
-        ("unionpay", unique_pan("62", 16), "unionpay"),
+        // Not just "62": 627170 is Cabal's and 627535 Carnet's, which made
+        // about one run in 5,000 fail.
+        ("unionpay", unique_pan("6212", 16), "unionpay"),
     ];
     // PANs only ever sent in error paths.
     let bad_luhn = luhn_broken(&unique_pan("4929", 16));
