@@ -383,7 +383,12 @@ struct Shared<DB: Database> {
     pool: Pool<DB>,
     sealer: Arc<SealerCell>,
     stats: Arc<GroupStats>,
+    gate: Option<WriteGate>,
 }
+
+/// Turns at the database's write lock (see [`GroupCommit::start`]). Tokio's
+/// mutex is fair: waiters get it in the order they asked.
+pub(super) type WriteGate = Arc<tokio::sync::Mutex<()>>;
 
 impl<DB: Database> Clone for GroupCommit<DB> {
     fn clone(&self) -> Self {
@@ -411,9 +416,15 @@ where
     /// short waits on the database then never queue behind the request
     /// tasks of the server's runtime, which under load would stretch every
     /// statement of a batch. It stops when the last handle is dropped.
+    /// Starts the writer thread. With a `gate`, the writer holds it for
+    /// each batch, from `BEGIN` to `COMMIT`: on SQLite, writers outside the
+    /// group commit take the same gate before their `BEGIN IMMEDIATE`, so
+    /// they queue for their turn (first come, first served) instead of
+    /// polling for a write lock that the writer frees only for microseconds.
     pub(super) fn start(
         options: <DB::Connection as sqlx::Connection>::Options,
         sealer: Arc<SealerCell>,
+        gate: Option<WriteGate>,
     ) -> StorageResult<Self> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(GroupStats::default());
@@ -441,6 +452,7 @@ where
                         pool,
                         sealer,
                         stats: shared_stats,
+                        gate,
                     };
                     writer(shared, rx).await;
                 })
@@ -498,6 +510,10 @@ where
 
 async fn writer<DB: GroupBackend>(shared: Shared<DB>, mut rx: mpsc::Receiver<Box<dyn Unit<DB>>>) {
     while let Some(first) = rx.recv().await {
+        let _turn = match &shared.gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        };
         let batch = tokio::time::timeout(BATCH_TIMEOUT, run_batch(&shared, first, &mut rx));
         // A panic or a timeout drops the batch: its transaction rolls back
         // and its callers' answer channels close (they see a 503). The

@@ -1068,11 +1068,8 @@ impl BackendDb for PgStorage {
 async fn sqlite_begin(
     s: &SqliteStorage,
 ) -> StorageResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
-    // Take the write lock up front (see sqlite.rs).
-    s.pool()
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(super::sqlite::db_err)
+    // Takes the write lock up front, in turn with the writer (see sqlite.rs).
+    s.begin_write().await
 }
 
 async fn pg_begin(s: &PgStorage) -> StorageResult<sqlx::Transaction<'static, sqlx::Postgres>> {

@@ -90,6 +90,8 @@ impl PgStorage {
             writer: GroupCommit::start(
                 options.statement_cache_capacity(super::group::WRITER_STATEMENT_CACHE),
                 Arc::clone(&sealer),
+                // Row locks, not one write lock: nothing to queue for.
+                None,
             )?,
             pool,
             reads,

@@ -23,7 +23,7 @@ use super::common::{
     ApiKeyRow, AuditDbRow, CardRow, CardViewRow, CustomerJson, CustomerRow, DataKeyRow,
     IdempotencyRow, MerchantRow,
 };
-use super::group::{GroupBackend, GroupCommit, Tx};
+use super::group::{GroupBackend, GroupCommit, Tx, WriteGate};
 use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
@@ -50,6 +50,9 @@ pub struct SqliteStorage {
     reads: LeanPool<Sqlite>,
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Sqlite>,
+    /// Shared with the writer: other write transactions queue here for
+    /// their turn at the write lock.
+    write_gate: WriteGate,
     /// MACs the audit chain; appends fail until it is installed.
     pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
     /// Keeps the WAL checkpointer running; it stops once this is dropped.
@@ -152,6 +155,7 @@ impl SqliteStorage {
             .map_err(db_err)?;
         let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
         let sealer: Arc<super::chain::SealerCell> = Default::default();
+        let write_gate = WriteGate::default();
         let checkpointer = Arc::new(());
         // Never creates a database: it only checkpoints the one opened here.
         start_checkpointer(
@@ -162,7 +166,9 @@ impl SqliteStorage {
             writer: GroupCommit::start(
                 options.statement_cache_capacity(super::group::WRITER_STATEMENT_CACHE),
                 Arc::clone(&sealer),
+                Some(Arc::clone(&write_gate)),
             )?,
+            write_gate,
             pool,
             reads,
             sealer,
@@ -176,6 +182,11 @@ impl SqliteStorage {
     }
 
     pub(super) async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
+        // Wait for the writer's current batch to commit, then take the
+        // write lock before its next one. The gate is let go once the lock
+        // is ours: the writer's next BEGIN IMMEDIATE then waits (briefly,
+        // in SQLite's busy handler) for this transaction instead.
+        let _turn = self.write_gate.lock().await;
         self.pool
             .begin_with("BEGIN IMMEDIATE")
             .await
