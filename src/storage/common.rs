@@ -171,6 +171,25 @@ pub(super) struct CustomerRow {
     created_at: i64,
 }
 
+impl CustomerRow {
+    /// The row of a `SELECT customer_columns!()` read by `rusqlite`.
+    pub(super) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(CustomerRow {
+            id: row.get(0)?,
+            merchant_id: row.get(1)?,
+            email: row.get(2)?,
+            first_name: row.get(3)?,
+            last_name: row.get(4)?,
+            phone: row.get(5)?,
+            document: row.get(6)?,
+            billing_address: row.get(7)?,
+            metadata: row.get(8)?,
+            default_card_id: row.get(9)?,
+            created_at: row.get(10)?,
+        })
+    }
+}
+
 impl TryFrom<CustomerRow> for CustomerRecord {
     type Error = StorageError;
     fn try_from(r: CustomerRow) -> StorageResult<Self> {
@@ -266,6 +285,35 @@ pub(super) struct CardRow {
     status: String,
     created_at: i64,
 }
+
+impl CardRow {
+    /// The row of a `SELECT card_columns!()` read by `rusqlite` (see
+    /// `sqlite_inline`), columns by position from `first`.
+    pub(super) fn from_sqlite(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+        Ok(CardRow {
+            id: row.get(first)?,
+            merchant_id: row.get(first + 1)?,
+            customer_id: row.get(first + 2)?,
+            pan_ciphertext: row.get(first + 3)?,
+            dek_id: row.get(first + 4)?,
+            fingerprint: row.get(first + 5)?,
+            bin: row.get(first + 6)?,
+            last4: row.get(first + 7)?,
+            pan_length: row.get(first + 8)?,
+            brand: row.get(first + 9)?,
+            funding: row.get(first + 10)?,
+            exp_month: row.get(first + 11)?,
+            exp_year: row.get(first + 12)?,
+            holder_name: row.get(first + 13)?,
+            alias: row.get(first + 14)?,
+            status: row.get(first + 15)?,
+            created_at: row.get(first + 16)?,
+        })
+    }
+}
+
+/// Columns in `card_columns!()`.
+pub(super) const CARD_COLUMN_COUNT: usize = 17;
 
 /// A card with whether it is its customer's default (one query for the
 /// card endpoints).

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::OptionalExtension;
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteExecutor, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
@@ -27,6 +28,7 @@ use super::group::{GroupBackend, GroupCommit, Tx, WriteGate};
 use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
+use super::sqlite_inline::{or_pool, Inline, InlineReads};
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
     CustomerRecord, CustomerStore, CustomerUpdate, DataKeyRecord, IdempotencyClaim,
@@ -48,6 +50,8 @@ pub struct SqliteStorage {
     pool: SqlitePool,
     /// Single statements outside transactions (see [`super::lean`]).
     reads: LeanPool<Sqlite>,
+    /// The hot reads, on the caller's thread (see [`super::sqlite_inline`]).
+    inline: Arc<InlineReads>,
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Sqlite>,
     /// Shared with the writer: other write transactions queue here for
@@ -154,6 +158,11 @@ impl SqliteStorage {
             .await
             .map_err(db_err)?;
         let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
+        // The pool above has created the file: the inline reads open it.
+        let inline = Arc::new(InlineReads::new(
+            options.get_filename().to_path_buf(),
+            max_connections as usize,
+        ));
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         let write_gate = WriteGate::default();
         let checkpointer = Arc::new(());
@@ -171,6 +180,7 @@ impl SqliteStorage {
             write_gate,
             pool,
             reads,
+            inline,
             sealer,
             _checkpointer: checkpointer,
         })
@@ -237,21 +247,45 @@ impl GroupBackend for Sqlite {
     }
 }
 
+const CUSTOMER_BY_ID: &str = concat!(
+    "SELECT ",
+    customer_columns!(),
+    " FROM customers WHERE merchant_id = ? AND id = ?"
+);
+const CARD_BY_ID: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    " FROM cards WHERE merchant_id = ? AND id = ?"
+);
+/// A card and whether it is its customer's default.
+macro_rules! card_view_select {
+    () => {
+        concat!(
+            "SELECT ",
+            card_columns!(),
+            ", coalesce((SELECT default_card_id FROM customers \
+             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+             FROM cards "
+        )
+    };
+}
+const CARD_VIEW_BY_ID: &str = concat!(card_view_select!(), "WHERE merchant_id = ? AND id = ?");
+const CARD_VIEWS_OF_CUSTOMER: &str = concat!(
+    card_view_select!(),
+    "WHERE merchant_id = ? AND customer_id = ? ORDER BY seq"
+);
+
 async fn fetch_customer(
     ex: impl SqliteExecutor<'_>,
     merchant_id: &str,
     id: &str,
 ) -> StorageResult<Option<CustomerRecord>> {
-    let row: Option<CustomerRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        customer_columns!(),
-        " FROM customers WHERE merchant_id = ? AND id = ?"
-    ))
-    .bind(merchant_id)
-    .bind(id)
-    .fetch_optional(ex)
-    .await
-    .map_err(db_err)?;
+    let row: Option<CustomerRow> = sqlx::query_as(CUSTOMER_BY_ID)
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)?;
     row.map(CustomerRecord::try_from).transpose()
 }
 
@@ -260,16 +294,12 @@ async fn fetch_card(
     merchant_id: &str,
     id: &str,
 ) -> StorageResult<Option<CardRecord>> {
-    let row: Option<CardRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        card_columns!(),
-        " FROM cards WHERE merchant_id = ? AND id = ?"
-    ))
-    .bind(merchant_id)
-    .bind(id)
-    .fetch_optional(ex)
-    .await
-    .map_err(db_err)?;
+    let row: Option<CardRow> = sqlx::query_as(CARD_BY_ID)
+        .bind(merchant_id)
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+        .map_err(db_err)?;
     Ok(row.map(CardRecord::from))
 }
 
@@ -447,7 +477,17 @@ impl CustomerStore for SqliteStorage {
         merchant_id: &str,
         id: &str,
     ) -> StorageResult<Option<CustomerRecord>> {
-        fetch_customer(&self.reads, merchant_id, id).await
+        let inline = self.inline.run(|c| {
+            c.prepare_cached(CUSTOMER_BY_ID)?
+                .query_row((merchant_id, id), CustomerRow::from_sqlite)
+                .optional()
+        });
+        let inline = inline.and_then(|row| {
+            row.map(CustomerRecord::try_from)
+                .transpose()
+                .map_err(Inline::Failed)
+        });
+        or_pool(inline, fetch_customer(&self.reads, merchant_id, id)).await
     }
 
     async fn update_customer(
@@ -609,7 +649,14 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
-        fetch_card(&self.reads, merchant_id, card_id).await
+        let inline = self.inline.run(|c| {
+            c.prepare_cached(CARD_BY_ID)?
+                .query_row((merchant_id, card_id), |row| {
+                    CardRow::from_sqlite(row, 0).map(CardRecord::from)
+                })
+                .optional()
+        });
+        or_pool(inline, fetch_card(&self.reads, merchant_id, card_id)).await
     }
 
     async fn get_card_view(
@@ -617,19 +664,21 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<(CardRecord, bool)>> {
-        let row: Option<CardViewRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            card_columns!(),
-            ", coalesce((SELECT default_card_id FROM customers \
-             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
-             FROM cards WHERE merchant_id = ? AND id = ?"
-        ))
-        .bind(merchant_id)
-        .bind(card_id)
-        .fetch_optional(&self.reads)
+        let inline = self.inline.run(|c| {
+            c.prepare_cached(CARD_VIEW_BY_ID)?
+                .query_row((merchant_id, card_id), card_view)
+                .optional()
+        });
+        or_pool(inline, async {
+            let row: Option<CardViewRow> = sqlx::query_as(CARD_VIEW_BY_ID)
+                .bind(merchant_id)
+                .bind(card_id)
+                .fetch_optional(&self.reads)
+                .await
+                .map_err(db_err)?;
+            Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
+        })
         .await
-        .map_err(db_err)?;
-        Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
     }
 
     async fn list_card_views(
@@ -637,22 +686,24 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         customer_id: &str,
     ) -> StorageResult<Vec<(CardRecord, bool)>> {
-        let rows: Vec<CardViewRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            card_columns!(),
-            ", coalesce((SELECT default_card_id FROM customers \
-             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
-             FROM cards WHERE merchant_id = ? AND customer_id = ? ORDER BY seq"
-        ))
-        .bind(merchant_id)
-        .bind(customer_id)
-        .fetch_all(&self.reads)
+        let inline = self.inline.run(|c| {
+            c.prepare_cached(CARD_VIEWS_OF_CUSTOMER)?
+                .query_map((merchant_id, customer_id), card_view)?
+                .collect()
+        });
+        or_pool(inline, async {
+            let rows: Vec<CardViewRow> = sqlx::query_as(CARD_VIEWS_OF_CUSTOMER)
+                .bind(merchant_id)
+                .bind(customer_id)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db_err)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (CardRecord::from(r.card), r.is_default))
+                .collect())
+        })
         .await
-        .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (CardRecord::from(r.card), r.is_default))
-            .collect())
     }
 
     async fn list_cards(
@@ -983,4 +1034,10 @@ impl Storage for SqliteStorage {
     fn group_commit_stats(&self) -> super::GroupSnapshot {
         self.writer.stats().snapshot()
     }
+}
+
+/// A card view row read by `rusqlite`: the card's columns, then `is_default`.
+fn card_view(row: &rusqlite::Row<'_>) -> rusqlite::Result<(CardRecord, bool)> {
+    let card = CardRow::from_sqlite(row, 0)?;
+    Ok((CardRecord::from(card), row.get(common::CARD_COLUMN_COUNT)?))
 }
