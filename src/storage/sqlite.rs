@@ -191,6 +191,34 @@ impl SqliteStorage {
         &self.pool
     }
 
+    /// The card views `sql` selects with its two binds: inline, or from the
+    /// pool when the inline read would have had to wait.
+    async fn card_views(
+        &self,
+        sql: &'static str,
+        first: &str,
+        second: &str,
+    ) -> StorageResult<Vec<(CardRecord, bool)>> {
+        let inline = self.inline.run(|c| {
+            c.prepare_cached(sql)?
+                .query_map((first, second), card_view)?
+                .collect()
+        });
+        or_pool(inline, async {
+            let rows: Vec<CardViewRow> = sqlx::query_as(sql)
+                .bind(first)
+                .bind(second)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db_err)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (CardRecord::from(r.card), r.is_default))
+                .collect())
+        })
+        .await
+    }
+
     pub(super) async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
         // Wait for the writer's current batch to commit, then take the
         // write lock before its next one. The gate is let go once the lock
@@ -664,21 +692,9 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<(CardRecord, bool)>> {
-        let inline = self.inline.run(|c| {
-            c.prepare_cached(CARD_VIEW_BY_ID)?
-                .query_row((merchant_id, card_id), card_view)
-                .optional()
-        });
-        or_pool(inline, async {
-            let row: Option<CardViewRow> = sqlx::query_as(CARD_VIEW_BY_ID)
-                .bind(merchant_id)
-                .bind(card_id)
-                .fetch_optional(&self.reads)
-                .await
-                .map_err(db_err)?;
-            Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
-        })
-        .await
+        // Card ids are unique: at most one row.
+        let views = self.card_views(CARD_VIEW_BY_ID, merchant_id, card_id);
+        Ok(views.await?.into_iter().next())
     }
 
     async fn list_card_views(
@@ -686,24 +702,8 @@ impl CardStore for SqliteStorage {
         merchant_id: &str,
         customer_id: &str,
     ) -> StorageResult<Vec<(CardRecord, bool)>> {
-        let inline = self.inline.run(|c| {
-            c.prepare_cached(CARD_VIEWS_OF_CUSTOMER)?
-                .query_map((merchant_id, customer_id), card_view)?
-                .collect()
-        });
-        or_pool(inline, async {
-            let rows: Vec<CardViewRow> = sqlx::query_as(CARD_VIEWS_OF_CUSTOMER)
-                .bind(merchant_id)
-                .bind(customer_id)
-                .fetch_all(&self.reads)
-                .await
-                .map_err(db_err)?;
-            Ok(rows
-                .into_iter()
-                .map(|r| (CardRecord::from(r.card), r.is_default))
-                .collect())
-        })
-        .await
+        self.card_views(CARD_VIEWS_OF_CUSTOMER, merchant_id, customer_id)
+            .await
     }
 
     async fn list_cards(
