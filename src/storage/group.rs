@@ -15,6 +15,12 @@
 //! crash loses only unacknowledged work. If the flush or the commit fails,
 //! every unit of the batch gets the error and none of their writes exist.
 //!
+//! On SQLite, a batch that starts with a unit running no statements of its
+//! own (a deferred write or an audit append: the hot paths) is written by
+//! a [`DirectWriter`] on the writer thread itself, with no hand-off per
+//! statement; it ends where a unit with statements arrives, which starts
+//! the next batch. Same transaction, same commit-then-answer order.
+//!
 //! A caller that goes away (a dropped request future) does not cancel its
 //! unit: the unit is owned by the writer and either commits or not, like a
 //! transaction whose client disconnected.
@@ -62,9 +68,28 @@ pub(super) type Tx<DB> = Transaction<'static, DB>;
 /// only.
 pub(super) struct Batch<DB: Database> {
     pub(super) tx: Tx<DB>,
-    audit: Vec<AuditEntry>,
-    events: Vec<EventRecord>,
-    deferred: DeferredWrites,
+    records: Records,
+}
+
+/// What a batch's units left for its flush: audit entries, events and
+/// deferred writes.
+#[derive(Default)]
+pub(super) struct Records {
+    pub(super) audit: Vec<AuditEntry>,
+    pub(super) events: Vec<EventRecord>,
+    pub(super) deferred: DeferredWrites,
+}
+
+impl Records {
+    fn len(&self) -> (usize, usize) {
+        (self.audit.len(), self.events.len())
+    }
+
+    /// Drops what was recorded after `mark` (see [`Records::len`]).
+    fn truncate(&mut self, (audit, events): (usize, usize)) {
+        self.audit.truncate(audit);
+        self.events.truncate(events);
+    }
 }
 
 /// The writes of a batch that wait for its flush, by kind.
@@ -151,12 +176,12 @@ impl DeferredWrite for ChargeChange {
 impl<DB: Database> Batch<DB> {
     /// Records `entry` in the audit chain with this unit's writes.
     pub(super) fn audit(&mut self, entry: AuditEntry) {
-        self.audit.push(entry);
+        self.records.audit.push(entry);
     }
 
     /// Records `event` (and its webhook deliveries) with this unit's writes.
     pub(super) fn event(&mut self, event: EventRecord) {
-        self.events.push(event);
+        self.records.events.push(event);
     }
 }
 
@@ -179,12 +204,32 @@ pub(super) trait GroupBackend: Database {
     ) -> BoxFuture<'a, StorageResult<()>>;
 }
 
+/// Writes batches whose units run no statements of their own (deferred
+/// writes and audit appends, the hot write paths) on a connection the
+/// writer thread owns and drives itself, with no hand-off to another thread
+/// per statement (SQLite: see `sqlite_direct`). Every call blocks the
+/// writer thread, which has nothing else to do meanwhile.
+pub(super) trait DirectWriter: Send + 'static {
+    /// Begins a write transaction.
+    fn begin(&mut self) -> StorageResult<()>;
+    /// Writes `records` inside it: the deferred writes (resolving each),
+    /// then the events and the chained audit entries.
+    fn flush(&mut self, sealer: &SealerCell, records: Records) -> StorageResult<()>;
+    /// Commits it (durably), or rolls it back and fails.
+    fn commit(&mut self) -> StorageResult<()>;
+    /// Rolls back whatever transaction is open.
+    fn rollback(&mut self);
+}
+
 /// A queued unit of work, type-erased.
 trait Unit<DB: Database>: Send {
     /// Whether the unit runs statements (and so needs a savepoint) or only
-    /// records audit entries.
+    /// records audit entries, events or deferred writes.
     fn touches_db(&self) -> bool;
     fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>>;
+    /// Records a unit that does not touch the database (see
+    /// [`Unit::touches_db`]) on a batch that has no transaction of its own.
+    fn record(self: Box<Self>, records: &mut Records) -> Box<dyn Outcome>;
     /// The unit cannot run (no transaction could be started).
     fn fail(self: Box<Self>, e: &StorageError);
 }
@@ -223,6 +268,17 @@ where
         })
     }
 
+    fn record(self: Box<Self>, _records: &mut Records) -> Box<dyn Outcome> {
+        // The writer never does this (it checks `touches_db`); should it,
+        // the unit fails rather than runs outside a transaction.
+        Box::new(Done {
+            result: Err(StorageError::Other(
+                "a write with statements reached a batch without a transaction".into(),
+            )),
+            reply: self.reply,
+        })
+    }
+
     fn fail(self: Box<Self>, e: &StorageError) {
         let _ = self.reply.send(Err(e.duplicate()));
     }
@@ -245,15 +301,20 @@ impl<DB: Database, W: DeferredWrite> Unit<DB> for Deferred<W> {
     }
 
     fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
+        Box::pin(std::future::ready(Unit::<DB>::record(
+            self,
+            &mut batch.records,
+        )))
+    }
+
+    fn record(self: Box<Self>, records: &mut Records) -> Box<dyn Outcome> {
         let Deferred { write, reply } = *self;
         let slot = Arc::new(std::sync::Mutex::new(None));
-        W::queue(&mut batch.deferred).push(Pending {
+        W::queue(&mut records.deferred).push(Pending {
             write,
             slot: Arc::clone(&slot),
         });
-        Box::pin(std::future::ready(
-            Box::new(DeferredDone { slot, reply }) as Box<dyn Outcome>
-        ))
+        Box::new(DeferredDone { slot, reply })
     }
 
     fn fail(self: Box<Self>, e: &StorageError) {
@@ -296,12 +357,19 @@ impl<DB: Database> Unit<DB> for Append {
     }
 
     fn run<'a>(self: Box<Self>, batch: &'a mut Batch<DB>) -> BoxFuture<'a, Box<dyn Outcome>> {
+        Box::pin(std::future::ready(Unit::<DB>::record(
+            self,
+            &mut batch.records,
+        )))
+    }
+
+    fn record(self: Box<Self>, records: &mut Records) -> Box<dyn Outcome> {
         let Append { entry, reply } = *self;
-        batch.audit(entry);
-        Box::pin(std::future::ready(Box::new(Done {
+        records.audit.push(entry);
+        Box::new(Done {
             result: Ok(()),
             reply,
-        }) as Box<dyn Outcome>))
+        })
     }
 
     fn fail(self: Box<Self>, e: &StorageError) {
@@ -421,10 +489,14 @@ where
     /// group commit take the same gate before their `BEGIN IMMEDIATE`, so
     /// they queue for their turn (first come, first served) instead of
     /// polling for a write lock that the writer frees only for microseconds.
+    ///
+    /// With a `direct` writer, batches that start with a unit running no
+    /// statements of its own go through it instead (see [`DirectWriter`]).
     pub(super) fn start(
         options: <DB::Connection as sqlx::Connection>::Options,
         sealer: Arc<SealerCell>,
         gate: Option<WriteGate>,
+        direct: Option<Box<dyn DirectWriter>>,
     ) -> StorageResult<Self> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(GroupStats::default());
@@ -454,7 +526,7 @@ where
                         stats: shared_stats,
                         gate,
                     };
-                    writer(shared, rx).await;
+                    writer(shared, direct, rx).await;
                 })
             })
             .map_err(|e| StorageError::Other(format!("database writer thread: {e}")))?;
@@ -508,12 +580,39 @@ where
     }
 }
 
-async fn writer<DB: GroupBackend>(shared: Shared<DB>, mut rx: mpsc::Receiver<Box<dyn Unit<DB>>>) {
-    while let Some(first) = rx.recv().await {
+async fn writer<DB: GroupBackend>(
+    shared: Shared<DB>,
+    mut direct: Option<Box<dyn DirectWriter>>,
+    mut rx: mpsc::Receiver<Box<dyn Unit<DB>>>,
+) {
+    // A unit with statements that arrived during a direct batch: it starts
+    // the next batch.
+    let mut carried: Option<Box<dyn Unit<DB>>> = None;
+    loop {
+        let first = match carried.take() {
+            Some(unit) => unit,
+            None => match rx.recv().await {
+                Some(unit) => unit,
+                None => break,
+            },
+        };
         let _turn = match &shared.gate {
             Some(gate) => Some(gate.lock().await),
             None => None,
         };
+        if let Some(direct) = direct.as_deref_mut().filter(|_| !first.touches_db()) {
+            let batch = || run_direct_batch(&shared, direct, first, &mut rx);
+            match std::panic::catch_unwind(AssertUnwindSafe(batch)) {
+                Ok(next) => carried = next,
+                Err(_panic) => {
+                    // Its callers' answer channels are closed (a 503); the
+                    // transaction it may have left open is rolled back.
+                    tracing::error!("write batch panicked; its units were abandoned");
+                    direct.rollback();
+                }
+            }
+            continue;
+        }
         let batch = tokio::time::timeout(BATCH_TIMEOUT, run_batch(&shared, first, &mut rx));
         // A panic or a timeout drops the batch: its transaction rolls back
         // and its callers' answer channels close (they see a 503). The
@@ -528,6 +627,68 @@ async fn writer<DB: GroupBackend>(shared: Shared<DB>, mut rx: mpsc::Receiver<Box
     }
 }
 
+/// Answers `first` and everything already queued with `e` (the database
+/// is unreachable: they would all fail the same way, one by one).
+fn fail_queued<DB: Database>(
+    first: Box<dyn Unit<DB>>,
+    rx: &mut mpsc::Receiver<Box<dyn Unit<DB>>>,
+    e: &StorageError,
+) {
+    first.fail(e);
+    while let Ok(unit) = rx.try_recv() {
+        unit.fail(e);
+    }
+}
+
+/// A batch of units without statements of their own, on the direct
+/// writer: it takes queued units until one has statements (returned, to
+/// start the next batch) or the batch is full, then flushes and commits
+/// them on the writer's own thread. No statement, and no wait, leaves it.
+fn run_direct_batch<DB: Database>(
+    shared: &Shared<DB>,
+    direct: &mut dyn DirectWriter,
+    first: Box<dyn Unit<DB>>,
+    rx: &mut mpsc::Receiver<Box<dyn Unit<DB>>>,
+) -> Option<Box<dyn Unit<DB>>> {
+    let started = Instant::now();
+    if let Err(e) = direct.begin() {
+        fail_queued(first, rx, &e);
+        return None;
+    }
+    let mut records = Records::default();
+    let mut done: Vec<Box<dyn Outcome>> = Vec::new();
+    let mut carried = None;
+    let mut next = Some(first);
+    while let Some(unit) = next.take() {
+        done.push(unit.record(&mut records));
+        if done.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(unit) if unit.touches_db() => carried = Some(unit),
+                Ok(unit) => next = Some(unit),
+                Err(_) => {}
+            }
+        }
+    }
+    let flushing = Instant::now();
+    let flushed = direct.flush(&shared.sealer, records);
+    let committing = Instant::now();
+    let commit = match flushed {
+        Ok(()) => direct.commit(),
+        Err(e) => {
+            direct.rollback();
+            Err(e)
+        }
+    };
+    match &commit {
+        Ok(()) => shared
+            .stats
+            .record(done.len(), started, flushing, committing),
+        Err(e) => tracing::warn!(error = %e, units = done.len(), "group commit failed"),
+    }
+    settle_all(done, &commit);
+    carried
+}
+
 async fn run_batch<DB: GroupBackend>(
     shared: &Shared<DB>,
     first: Box<dyn Unit<DB>>,
@@ -537,20 +698,13 @@ async fn run_batch<DB: GroupBackend>(
     let tx = match DB::begin_group(&shared.pool).await {
         Ok(tx) => tx,
         Err(e) => {
-            // The database is unreachable: everything already waiting would
-            // fail the same way, so answer it now instead of one by one.
-            first.fail(&e);
-            while let Ok(unit) = rx.try_recv() {
-                unit.fail(&e);
-            }
+            fail_queued(first, rx, &e);
             return;
         }
     };
     let mut batch = Batch {
         tx,
-        audit: Vec::new(),
-        events: Vec::new(),
-        deferred: DeferredWrites::default(),
+        records: Records::default(),
     };
     let mut done: Vec<Box<dyn Outcome>> = Vec::new();
     // Opened before the first unit that runs statements of its own (a
@@ -569,14 +723,13 @@ async fn run_batch<DB: GroupBackend>(
             }
             in_savepoint = true;
         }
-        let (audit_mark, events_mark) = (batch.audit.len(), batch.events.len());
+        let mark = batch.records.len();
         let outcome = unit.run(&mut batch).await;
         let succeeded = outcome.succeeded();
         done.push(outcome);
         if !succeeded {
             // What the unit recorded goes with its rolled-back writes.
-            batch.audit.truncate(audit_mark);
-            batch.events.truncate(events_mark);
+            batch.records.truncate(mark);
         }
         if touches_db {
             // RELEASE then a fresh SAVEPOINT in one round trip; ROLLBACK TO
@@ -599,9 +752,11 @@ async fn run_batch<DB: GroupBackend>(
     }
     let Batch {
         mut tx,
-        audit,
-        events,
-        deferred,
+        records: Records {
+            audit,
+            events,
+            deferred,
+        },
     } = batch;
     let flushing = Instant::now();
     // The units are settled: the flush needs no savepoint of theirs around

@@ -24,6 +24,7 @@ mod postgres;
 mod postgres_audit;
 mod sqlite;
 mod sqlite_audit;
+mod sqlite_direct;
 mod sqlite_inline;
 #[cfg(test)]
 mod tests;

@@ -92,6 +92,8 @@ impl PgStorage {
                 Arc::clone(&sealer),
                 // Row locks, not one write lock: nothing to queue for.
                 None,
+                // Statements go over the network anyway.
+                None,
             )?,
             pool,
             reads,

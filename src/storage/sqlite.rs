@@ -14,9 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::OptionalExtension;
 use sqlx::error::DatabaseError;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteExecutor, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteExecutor, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 
 use super::common::{
@@ -28,6 +26,7 @@ use super::group::{GroupBackend, GroupCommit, Tx, WriteGate};
 use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
+use super::sqlite_direct::DirectWrites;
 use super::sqlite_inline::{or_pool, Inline, InlineReads};
 use super::{
     ApiKeyRecord, AuditEntry, AuditRow, AuditStore, CardInsert, CardRecord, CardStore, CardUpdate,
@@ -39,7 +38,7 @@ use super::{
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// How long a statement waits for another connection's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request waits for a pooled connection before it is told the
 /// database is unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,9 +65,29 @@ pub struct SqliteStorage {
 /// How often the checkpointer copies committed WAL frames into the database
 /// file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-/// The WAL size (pages) at which a committing connection checkpoints by
-/// itself: a safety net should the checkpointer fall behind.
-const AUTOCHECKPOINT_PAGES: &str = "16384";
+/// The pragmas of every connection that writes (the pool's, the group
+/// writer's, and the writer's direct one, see [`super::sqlite_direct`]):
+/// - WAL journal with `synchronous=FULL`: a committed transaction survives
+///   power loss.
+/// - `secure_delete`: the bytes of deleted rows are zeroed instead of left
+///   in free pages: a deleted card's ciphertext and fingerprint must not
+///   linger in the file (or its copies).
+/// - `temp_store=MEMORY`: savepoint and statement journals in memory, not in
+///   temporary files. The group-commit writer runs batches inside
+///   savepoints, and copying each page it touches to a file cost it a write
+///   syscall per page. (It also keeps pages of card rows out of temporary
+///   files.)
+/// - `wal_autocheckpoint`: the WAL size (pages) at which a committing
+///   connection checkpoints by itself, a safety net should the checkpointer
+///   fall behind.
+pub(super) const CONNECTION_PRAGMAS: [(&str, &str); 6] = [
+    ("journal_mode", "WAL"),
+    ("synchronous", "FULL"),
+    ("foreign_keys", "ON"),
+    ("secure_delete", "ON"),
+    ("temp_store", "MEMORY"),
+    ("wal_autocheckpoint", "16384"),
+];
 
 /// Moves WAL checkpoints off the write path. With SQLite's default, the
 /// commit that takes the WAL past 1,000 pages copies them into the database
@@ -132,24 +151,13 @@ impl SqliteStorage {
                 "in-memory SQLite databases are not supported: use a file".to_string(),
             ));
         }
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(db_err)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT)
-            // Zero the bytes of deleted rows instead of leaving them in free
-            // pages: a deleted card's ciphertext and fingerprint must not
-            // linger in the file (or its copies).
-            .pragma("secure_delete", "ON")
-            // Savepoint and statement journals in memory, not in temporary
-            // files: the group-commit writer runs every batch inside
-            // savepoints, and copying each page it touches to a file cost
-            // it a write syscall per page. (It also keeps pages of card rows
-            // out of temporary files.)
-            .pragma("temp_store", "MEMORY")
-            .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES);
+        let options = CONNECTION_PRAGMAS.iter().fold(
+            SqliteConnectOptions::from_str(url)
+                .map_err(db_err)?
+                .create_if_missing(true)
+                .busy_timeout(BUSY_TIMEOUT),
+            |options, (name, value)| options.pragma(*name, *value),
+        );
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -163,6 +171,7 @@ impl SqliteStorage {
             options.get_filename().to_path_buf(),
             max_connections as usize,
         ));
+        let direct = DirectWrites::new(options.get_filename().to_path_buf());
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         let write_gate = WriteGate::default();
         let checkpointer = Arc::new(());
@@ -176,6 +185,7 @@ impl SqliteStorage {
                 options.statement_cache_capacity(super::group::WRITER_STATEMENT_CACHE),
                 Arc::clone(&sealer),
                 Some(Arc::clone(&write_gate)),
+                Some(Box::new(direct)),
             )?,
             write_gate,
             pool,

@@ -129,13 +129,26 @@ fn would_wait(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// The same classification as the sqlx path: I/O-level failures are
-/// retryable (503), the rest are errors. Messages name columns and
-/// constraints, never values.
-fn map_err(e: rusqlite::Error) -> StorageError {
+/// The same classification as the sqlx path (`common::map_err`): I/O-level
+/// failures are retryable (503), a unique violation is a conflict, a
+/// missing parent row is not-found, the rest are errors. Messages name
+/// columns and constraints, never values.
+pub(super) fn map_err(e: rusqlite::Error) -> StorageError {
+    use rusqlite::ffi;
+    if let rusqlite::Error::SqliteFailure(failure, _) = &e {
+        match failure.extended_code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                return StorageError::Conflict(e.to_string())
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => return StorageError::NotFound,
+            _ => {}
+        }
+    }
     match e.sqlite_error_code() {
         Some(
-            ErrorCode::SystemIoFailure
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::SystemIoFailure
             | ErrorCode::DiskFull
             | ErrorCode::CannotOpen
             | ErrorCode::FileLockingProtocolFailed,

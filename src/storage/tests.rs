@@ -171,6 +171,7 @@ on_both_backends!(
     data_keys_and_seal_reservations,
     audit_append_and_list,
     batched_writes_fail_alone_and_keep_the_chain,
+    mixed_batches_keep_every_write,
     batched_charge_writes_check_versions_per_row,
 );
 
@@ -999,6 +1000,63 @@ async fn batched_writes_fail_alone_and_keep_the_chain(s: &dyn Storage) {
             pair[1].mac_key_id.as_deref().unwrap(),
         );
         assert_eq!(pair[1].hash.as_deref(), Some(&expected[..]));
+    }
+}
+
+/// Writes with statements of their own (idempotency claims) arriving among
+/// deferred ones (cards, audit appends): on SQLite a batch of deferred
+/// writes ends where a claim arrives, and the claim starts the next one.
+/// Every write is stored once, in its own batch's commit, and the chain
+/// stays linear.
+async fn mixed_batches_keep_every_write(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_1").await;
+    let before = all_audit(s).await.len();
+    let writes = (0..180u8).map(|i| async move {
+        match i % 3 {
+            1 => {
+                let claim = s
+                    .claim_idempotency_key("mer_a", &format!("key_{i}"), &[i; 32], 100)
+                    .await
+                    .unwrap();
+                assert_eq!(claim, IdempotencyClaim::Claimed, "{i}");
+            }
+            0 => {
+                let c = card("mer_a", "cus_1", &format!("card_{i}"), i);
+                let audit = audit("card.create", Some("mer_a"), Some(&c.id));
+                assert!(matches!(
+                    s.insert_card(&c, &audit).await.unwrap(),
+                    CardInsert::Created { .. }
+                ));
+            }
+            _ => s
+                .append_audit(&audit("card.reveal", Some("mer_a"), None))
+                .await
+                .unwrap(),
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    for i in (1..180u8).step_by(3) {
+        let again = s
+            .claim_idempotency_key("mer_a", &format!("key_{i}"), &[i; 32], 101)
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            IdempotencyClaim::InFlight {
+                request_hash: [i; 32]
+            }
+        );
+    }
+    assert_eq!(s.list_cards("mer_a", "cus_1").await.unwrap().len(), 60);
+    assert_eq!(all_audit(s).await.len() - before, 120);
+    let chain = s.chain_rows(0, 10_000).await.unwrap();
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "chain broken at {}",
+            pair[1].seq
+        );
     }
 }
 
