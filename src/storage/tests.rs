@@ -1525,6 +1525,44 @@ const TABLES: [&str; 7] = [
     "audit_log",
 ];
 
+/// Card lookups by customer use the unique (customer, fingerprint) index,
+/// never a scan of the merchant's cards (migration 0007 keeps one
+/// customer-keyed index and tells the planner which one is selective), and
+/// no card statement scans a table.
+#[tokio::test]
+async fn sqlite_card_lookups_by_customer_use_the_customer_index() {
+    let db = sqlite_db().await;
+    let pool = db.storage.pool();
+    let lookups = [
+        concat!(
+            "SELECT id FROM cards WHERE merchant_id = 'm' AND customer_id = 'c' ",
+            "ORDER BY seq"
+        ),
+        "DELETE FROM cards WHERE merchant_id = 'm' AND customer_id = 'c'",
+        "DELETE FROM cards WHERE merchant_id = 'm' AND id = 'card_1'",
+        "SELECT id FROM cards WHERE merchant_id = 'm' AND customer_id = 'c' AND fingerprint = x'00'",
+        "SELECT id FROM cards WHERE merchant_id = 'm' AND id = 'card_1'",
+    ];
+    for sql in lookups {
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .fetch_all(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let plan = rows
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        assert!(
+            plan.contains("USING INDEX sqlite_autoindex_cards_"),
+            "{sql}: {plan}"
+        );
+        assert!(!plan.contains("cards_merchant"), "{sql}: {plan}");
+        // A card delete clears its customer's default through an index.
+        assert!(!plan.contains("SCAN"), "{sql}: {plan}");
+    }
+}
+
 #[tokio::test]
 async fn sqlite_is_durable_and_schema_holds_no_pan() {
     let db = sqlite_db().await;
