@@ -53,6 +53,9 @@ impl SealerCell {
 pub(super) const INSERT_COLUMNS: &str = "INSERT INTO audit_log (at, actor, merchant_id, event, \
      resource, outcome, origin, request_id, detail, prev_hash, hash, mac, mac_key_id) ";
 
+/// The hash of the chain's head (no row: the chain is empty).
+pub(super) const HEAD_HASH: &str = "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1";
+
 /// Rows per audit insert: 13 binds each stays far below both backends'
 /// limit on bound parameters.
 pub(super) const ROWS_PER_INSERT: usize = 500;
@@ -73,11 +76,10 @@ macro_rules! impl_insert_audit_rows {
             }
             let sealer = sealer.get()?;
             $lock(&mut *conn).await?;
-            let head: Option<Option<Vec<u8>>> =
-                sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err($err)?;
+            let head: Option<Option<Vec<u8>>> = sqlx::query_scalar(chain::HEAD_HASH)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err($err)?;
             let mut prev = head.flatten();
             for chunk in entries.chunks(chain::ROWS_PER_INSERT) {
                 let mut links = Vec::with_capacity(chunk.len());

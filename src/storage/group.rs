@@ -679,13 +679,7 @@ fn run_direct_batch<DB: Database>(
             Err(e)
         }
     };
-    match &commit {
-        Ok(()) => shared
-            .stats
-            .record(done.len(), started, flushing, committing),
-        Err(e) => tracing::warn!(error = %e, units = done.len(), "group commit failed"),
-    }
-    settle_all(done, &commit);
+    conclude(shared, done, &commit, [started, flushing, committing]);
     carried
 }
 
@@ -774,13 +768,24 @@ async fn run_batch<DB: GroupBackend>(
         Ok(()) => tx.commit().await.map_err(DB::storage_err),
         Err(e) => Err(e),
     };
-    match &commit {
+    conclude(shared, done, &commit, [started, flushing, committing]);
+}
+
+/// Counts a committed batch (its phases began at `started`, `flushing`
+/// and `committing`) or logs a failed one, then answers its units.
+fn conclude<DB: Database>(
+    shared: &Shared<DB>,
+    done: Vec<Box<dyn Outcome>>,
+    commit: &StorageResult<()>,
+    [started, flushing, committing]: [Instant; 3],
+) {
+    match commit {
         Ok(()) => shared
             .stats
             .record(done.len(), started, flushing, committing),
         Err(e) => tracing::warn!(error = %e, units = done.len(), "group commit failed"),
     }
-    settle_all(done, &commit);
+    settle_all(done, commit);
 }
 
 fn settle_all(done: Vec<Box<dyn Outcome>>, commit: &StorageResult<()>) {

@@ -68,7 +68,6 @@ const FAN_OUT_EVENT: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_
      SELECT ?1, w.id, w.merchant_id, 'pending', 0, ?4 * 1000, ?4 FROM webhook_endpoints w \
      WHERE w.merchant_id = ?2 AND (w.events LIKE '%\"*\"%' \
      OR w.events LIKE '%\"' || ?3 || '\"%')";
-const AUDIT_HEAD: &str = "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1";
 const INSERT_AUDIT: &str = "INSERT INTO audit_log (at, actor, merchant_id, event, resource, \
      outcome, origin, request_id, detail, prev_hash, hash, mac, mac_key_id) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
@@ -390,7 +389,7 @@ fn insert_audit(
     }
     let sealer = sealer.get()?;
     let head: Option<Option<Vec<u8>>> = conn
-        .prepare_cached(AUDIT_HEAD)
+        .prepare_cached(chain::HEAD_HASH)
         .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
         .map_err(map_err)?;
     let mut prev = head.flatten();
