@@ -80,16 +80,13 @@ macro_rules! impl_insert_audit_rows {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err($err)?;
-            let mut prev = head.flatten();
-            for chunk in entries.chunks(chain::ROWS_PER_INSERT) {
-                let mut links = Vec::with_capacity(chunk.len());
-                for e in chunk {
-                    let link = chain::link(prev.as_deref(), e, sealer.as_ref())?;
-                    prev = Some(link.hash.to_vec());
-                    links.push(link);
-                }
+            let links = chain::links(head.flatten(), entries, sealer.as_ref())?;
+            for (chunk, links) in entries
+                .chunks(chain::ROWS_PER_INSERT)
+                .zip(links.chunks(chain::ROWS_PER_INSERT))
+            {
                 let mut insert = sqlx::QueryBuilder::<$db>::new(chain::INSERT_COLUMNS);
-                insert.push_values(chunk.iter().zip(&links), |mut row, (e, link)| {
+                insert.push_values(chunk.iter().zip(links), |mut row, (e, link)| {
                     row.push_bind(e.at)
                         .push_bind(&e.actor)
                         .push_bind(&e.merchant_id)
@@ -171,6 +168,24 @@ pub fn link(
         mac: sealer.mac(&hash),
         mac_key_id: key_id,
     })
+}
+
+/// The links of `entries` appended, in order, after a head whose hash is
+/// `head` (`None`: the chain is empty).
+pub fn links(
+    head: Option<Vec<u8>>,
+    entries: &[AuditEntry],
+    sealer: &dyn AuditSealer,
+) -> StorageResult<Vec<Link>> {
+    let mut prev = head;
+    entries
+        .iter()
+        .map(|e| {
+            let link = link(prev.as_deref(), e, sealer)?;
+            prev = Some(link.hash.to_vec());
+            Ok(link)
+        })
+        .collect()
 }
 
 /// A stored audit row with its chain fields, for verification.

@@ -324,6 +324,13 @@ pub(super) struct CardViewRow {
     pub(super) is_default: bool,
 }
 
+impl CardViewRow {
+    /// The card and whether it is its customer's default.
+    pub(super) fn into_view(self) -> (CardRecord, bool) {
+        (CardRecord::from(self.card), self.is_default)
+    }
+}
+
 impl From<CardRow> for CardRecord {
     fn from(r: CardRow) -> Self {
         CardRecord {

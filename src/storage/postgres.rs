@@ -560,7 +560,7 @@ impl CardStore for PgStorage {
         .fetch_optional(&self.reads)
         .await
         .map_err(db_err)?;
-        Ok(row.map(|r| (CardRecord::from(r.card), r.is_default)))
+        Ok(row.map(CardViewRow::into_view))
     }
 
     async fn list_card_views(
@@ -580,10 +580,7 @@ impl CardStore for PgStorage {
         .fetch_all(&self.reads)
         .await
         .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (CardRecord::from(r.card), r.is_default))
-            .collect())
+        Ok(rows.into_iter().map(CardViewRow::into_view).collect())
     }
 
     async fn list_cards(

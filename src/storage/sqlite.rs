@@ -221,10 +221,7 @@ impl SqliteStorage {
                 .fetch_all(&self.reads)
                 .await
                 .map_err(db_err)?;
-            Ok(rows
-                .into_iter()
-                .map(|r| (CardRecord::from(r.card), r.is_default))
-                .collect())
+            Ok(rows.into_iter().map(CardViewRow::into_view).collect())
         })
         .await
     }

@@ -392,10 +392,9 @@ fn insert_audit(
         .prepare_cached(chain::HEAD_HASH)
         .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
         .map_err(map_err)?;
-    let mut prev = head.flatten();
+    let links = chain::links(head.flatten(), entries, sealer.as_ref())?;
     let mut insert = conn.prepare_cached(INSERT_AUDIT).map_err(map_err)?;
-    for e in entries {
-        let link = chain::link(prev.as_deref(), e, sealer.as_ref())?;
+    for (e, link) in entries.iter().zip(links) {
         insert
             .execute(params![
                 e.at,
@@ -413,7 +412,6 @@ fn insert_audit(
                 link.mac_key_id,
             ])
             .map_err(map_err)?;
-        prev = Some(link.hash.to_vec());
     }
     Ok(())
 }
