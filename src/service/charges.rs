@@ -261,28 +261,9 @@ impl Vault {
         if let Some(items) = &new.line_items {
             check_line_items(items, amount)?;
         }
-        let customer = self
-            .storage
-            .get_customer(ctx.merchant_id(), &new.customer)
-            .await?
-            .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
-        let card_id = match (&new.card, &customer.default_card_id) {
-            (Some(card), _) => card.clone(),
-            (None, Some(default)) => default.clone(),
-            (None, None) => {
-                return Err(ServiceError::invalid(
-                    "card",
-                    "customer_has_no_card",
-                    "the customer has no default card; pass card",
-                ))
-            }
-        };
         let card = self
-            .storage
-            .get_card(ctx.merchant_id(), &card_id)
-            .await?
-            .filter(|c| c.customer_id == customer.id)
-            .ok_or_else(|| ServiceError::not_found("card", "card"))?;
+            .charged_card(ctx, &new.customer, new.card.as_deref())
+            .await?;
         if self.payments.require_verified_cards && card.status != "verified" {
             return Err(ServiceError::invalid(
                 "card",
@@ -302,7 +283,7 @@ impl Vault {
         let mut charge = ChargeRecord {
             id: new_id("ch"),
             merchant_id: ctx.merchant_id().to_string(),
-            customer_id: customer.id.clone(),
+            customer_id: card.customer_id.clone(),
             card_id: card.id.clone(),
             amount: amount.minor(),
             currency: amount.currency().code().to_string(),
@@ -333,6 +314,50 @@ impl Vault {
         self.authorize_charge(ctx, &mut charge, &card, pan, cvc.map(|c| c.as_str()))
             .await?;
         Ok(charge)
+    }
+
+    /// The card a new charge is for: `card` if given, else the customer's
+    /// default card. Either must be the customer's, and the customer the
+    /// merchant's (404 naming whichever is missing). A named card of the
+    /// customer is found in one read: that it exists under the merchant
+    /// proves the customer does (a card hangs off a customer of the same
+    /// merchant).
+    async fn charged_card(
+        &self,
+        ctx: &Context,
+        customer_id: &str,
+        card_id: Option<&str>,
+    ) -> ServiceResult<CardRecord> {
+        let merchant = ctx.merchant_id();
+        let card_id = match card_id {
+            Some(id) => {
+                if let Some(card) = self.customer_card(merchant, customer_id, id).await? {
+                    return Ok(card);
+                }
+                // Which of the two is missing decides the error.
+                self.storage
+                    .get_customer(merchant, customer_id)
+                    .await?
+                    .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
+                return Err(ServiceError::not_found("card", "card"));
+            }
+            None => self
+                .storage
+                .get_customer(merchant, customer_id)
+                .await?
+                .ok_or_else(|| ServiceError::not_found("customer", "customer"))?
+                .default_card_id
+                .ok_or_else(|| {
+                    ServiceError::invalid(
+                        "card",
+                        "customer_has_no_card",
+                        "the customer has no default card; pass card",
+                    )
+                })?,
+        };
+        self.customer_card(merchant, customer_id, &card_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("card", "card"))
     }
 
     /// Takes a CVV token and checks it belongs to `card`.
