@@ -310,7 +310,7 @@ matrix!(capture_refund_cancel);
 async fn charge_validation(backend: Backend, mode: CryptoMode) {
     let app = TestApp::spawn(backend, mode).await;
     let m = app.merchant(false).await;
-    let (cus, _) = customer_with_card(&app, &m.sk, APPROVED).await;
+    let (cus, card) = customer_with_card(&app, &m.sk, APPROVED).await;
     let bad: &[(Value, &str)] = &[
         (
             json!({"amount": 0, "currency": "usd", "customer": cus}),
@@ -379,6 +379,24 @@ async fn charge_validation(backend: Backend, mode: CryptoMode) {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["param"], "card");
+    // A named card: the 404 names whichever of the two is missing, and
+    // another customer's card is missing for this one.
+    let other_merchant = app.merchant(false).await;
+    let foreign_cus = app
+        .customer(&other_merchant.sk, "foreign@example.com")
+        .await;
+    for (customer, card, param) in [
+        ("cus_nope".to_string(), card.clone(), "customer"),
+        (foreign_cus, card.clone(), "customer"),
+        ("cus_nope".to_string(), "card_nope".to_string(), "customer"),
+        (empty.clone(), card.clone(), "card"),
+        (cus.clone(), "card_nope".to_string(), "card"),
+    ] {
+        let body = json!({"amount": 100, "currency": "usd", "customer": customer, "card": card});
+        let (s, e) = charge(&app, &m.sk, body.clone()).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{body}: {e}");
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
     let (s, _) = app.get("/v1/charges?limit=100", &m.sk).await;
     assert_eq!(s, StatusCode::OK);
     let (_, list) = app.get("/v1/charges", &m.sk).await;
