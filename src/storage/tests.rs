@@ -1563,6 +1563,63 @@ async fn sqlite_card_lookups_by_customer_use_the_customer_index() {
     }
 }
 
+/// On PostgreSQL too, every card lookup goes through the id or the
+/// customer (the wallet index, or the unique index that dedupes cards), in
+/// generic and custom plans alike: no index on the merchant alone is left
+/// for the planner to pick (migration postgres/0008), and
+/// sequential scans are disabled here so that a lookup without a usable
+/// index would show as one.
+#[tokio::test]
+async fn postgres_card_lookups_use_the_id_or_customer_index() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mut conn = db.storage().pool().acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let lookups = [
+        (
+            "SELECT id FROM cards WHERE merchant_id = $1 AND customer_id = $2 ORDER BY seq",
+            "using cards_customer_",
+        ),
+        (
+            "DELETE FROM cards WHERE merchant_id = $1 AND customer_id = $2",
+            "using cards_customer_",
+        ),
+        (
+            "SELECT id FROM cards WHERE merchant_id = $1 AND id = $2",
+            "cards_id_key",
+        ),
+        (
+            "DELETE FROM cards WHERE merchant_id = $1 AND id = $2",
+            "cards_id_key",
+        ),
+    ];
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        sqlx::query(&format!("SET plan_cache_mode = {mode}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        for (i, (sql, index)) in lookups.iter().enumerate() {
+            let name = format!("lookup_{mode}_{i}");
+            sqlx::query(&format!("PREPARE {name} (text, text) AS {sql}"))
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let plan: Vec<String> =
+                sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} ('mer_1', 'cus_1')"))
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let plan = plan.join(" / ");
+            assert!(plan.contains(index), "{mode} {sql}: {plan}");
+            assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn sqlite_is_durable_and_schema_holds_no_pan() {
     let db = sqlite_db().await;
