@@ -329,33 +329,29 @@ impl Vault {
         card_id: Option<&str>,
     ) -> ServiceResult<CardRecord> {
         let merchant = ctx.merchant_id();
-        let card_id = match card_id {
-            Some(id) => {
-                if let Some(card) = self.customer_card(merchant, customer_id, id).await? {
-                    return Ok(card);
-                }
-                // Which of the two is missing decides the error.
-                self.storage
-                    .get_customer(merchant, customer_id)
-                    .await?
-                    .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
-                return Err(ServiceError::not_found("card", "card"));
+        if let Some(id) = card_id {
+            if let Some(card) = self.customer_card(merchant, customer_id, id).await? {
+                return Ok(card);
             }
-            None => self
-                .storage
-                .get_customer(merchant, customer_id)
-                .await?
-                .ok_or_else(|| ServiceError::not_found("customer", "customer"))?
-                .default_card_id
-                .ok_or_else(|| {
-                    ServiceError::invalid(
-                        "card",
-                        "customer_has_no_card",
-                        "the customer has no default card; pass card",
-                    )
-                })?,
+        }
+        // No card named, or the named one is missing: the customer decides
+        // which card, or which 404.
+        let customer = self
+            .storage
+            .get_customer(merchant, customer_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("customer", "customer"))?;
+        let default = match card_id {
+            Some(_) => return Err(ServiceError::not_found("card", "card")),
+            None => customer.default_card_id.ok_or_else(|| {
+                ServiceError::invalid(
+                    "card",
+                    "customer_has_no_card",
+                    "the customer has no default card; pass card",
+                )
+            })?,
         };
-        self.customer_card(merchant, customer_id, &card_id)
+        self.customer_card(merchant, customer_id, &default)
             .await?
             .ok_or_else(|| ServiceError::not_found("card", "card"))
     }
