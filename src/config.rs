@@ -151,6 +151,10 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     pub request_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// A request holding an `Idempotency-Key` that has not finished after
+    /// this long is reported as interrupted (its outcome unknown) to a
+    /// retry, instead of as still in progress.
+    pub idempotency_lease_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -224,6 +228,7 @@ impl Default for Limits {
             idle_timeout_secs: 60,
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,
+            idempotency_lease_secs: 300,
         }
     }
 }

@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 use super::error::ApiError;
 use super::extract::read_body;
@@ -114,21 +115,56 @@ async fn run(
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(resp)
         }
-        IdempotencyClaim::InFlight { request_hash } => {
-            if bool::from(request_hash.ct_eq(&request_mac)) {
-                Err(ApiError::idempotency(
-                    "a request with this Idempotency-Key is still in progress; retry shortly",
-                ))
+        IdempotencyClaim::InFlight {
+            request_hash,
+            created_at,
+        } => {
+            if !bool::from(request_hash.ct_eq(&request_mac)) {
+                return Err(ApiError::idempotency(
+                    "this Idempotency-Key was used with a different request",
+                ));
+            }
+            let lease = i64::try_from(state.limits.idempotency_lease_secs).unwrap_or(i64::MAX);
+            if now().saturating_sub(created_at) >= lease {
+                // Its node stopped before storing an answer. Whether the
+                // action happened is unknown, so it is not run again (that
+                // could charge twice): the client looks it up instead.
+                Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_error",
+                    "idempotency_key_interrupted",
+                    "the request with this Idempotency-Key was interrupted before it \
+                     finished, and its outcome is unknown: look up what it was creating \
+                     before sending it again with a new key",
+                )
+                .with_param("Idempotency-Key"))
             } else {
                 Err(ApiError::idempotency(
-                    "this Idempotency-Key was used with a different request",
+                    "a request with this Idempotency-Key is still in progress; retry shortly",
                 ))
             }
         }
         IdempotencyClaim::Claimed => {
             let req = Request::from_parts(parts, Body::from(bytes));
-            let resp = next.run(req).await;
-            finish(state, merchant, key, resp).await
+            // Detached from the connection: once the key is claimed the
+            // request runs to its end and stores its answer (or frees the
+            // key) even if the client goes away or the request timeout
+            // answers first. Dropped halfway, it would leave the key held
+            // with nothing to replay.
+            let (state, merchant, key) = (state.clone(), merchant.to_string(), key.to_string());
+            let request_id = super::error::current_request_id();
+            let task = tokio::spawn(
+                super::error::REQUEST_ID
+                    .scope(request_id, async move {
+                        let resp = next.run(req).await;
+                        finish(&state, &merchant, &key, resp).await
+                    })
+                    .in_current_span(),
+            );
+            task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "idempotent request task failed");
+                Err(ApiError::internal())
+            })
         }
     }
 }

@@ -43,6 +43,7 @@ struct Upkeep {
     checkpoint_every: Duration,
     maintenance_every: Duration,
     keys: crate::config::KeysConfig,
+    idempotency_retention: Duration,
 }
 
 impl Application {
@@ -80,6 +81,14 @@ impl Application {
                 checkpoint_every: Duration::from_secs(cfg.audit.checkpoint_interval_secs),
                 maintenance_every: Duration::from_secs(cfg.keys.maintenance_interval_secs),
                 keys: cfg.keys.clone(),
+                // Never shorter than the lease: a record still being worked
+                // on must not be swept from under its request.
+                idempotency_retention: Duration::from_secs(
+                    cfg.audit
+                        .idempotency_retention_days
+                        .saturating_mul(86_400)
+                        .max(cfg.limits.idempotency_lease_secs),
+                ),
             },
         })
     }
@@ -256,6 +265,11 @@ async fn run_upkeep(vault: Arc<Vault>, upkeep: Upkeep) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(rotated = n, "data keys past their cryptoperiod rotated"),
                     Err(e) => tracing::warn!(error = %e, "key maintenance failed"),
+                }
+                match vault.sweep_idempotency_keys(upkeep.idempotency_retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "expired idempotency records deleted"),
+                    Err(e) => tracing::warn!(error = %e, "idempotency sweep failed"),
                 }
             }
         }

@@ -203,6 +203,24 @@ impl Vault {
         )
     }
 
+    /// Deletes `Idempotency-Key` records older than `retention`, finished
+    /// or not, a chunk at a time; the keys can then be used afresh.
+    pub async fn sweep_idempotency_keys(
+        &self,
+        retention: std::time::Duration,
+    ) -> ServiceResult<u64> {
+        const CHUNK: u32 = 500;
+        let before = now().saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        let mut total = 0;
+        loop {
+            let n = self.storage.sweep_idempotency_keys(before, CHUNK).await?;
+            total += n;
+            if n < u64::from(CHUNK) {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Readiness: the database and the HSM both answer.
     pub async fn readiness(&self) -> (Result<(), String>, Result<(), String>) {
         let (db, hsm) = tokio::join!(self.storage.health(), self.keyring.hsm_health());

@@ -464,6 +464,7 @@ pub(super) struct IdempotencyRow {
     state: String,
     status: Option<i64>,
     body: Option<Vec<u8>>,
+    created_at: i64,
 }
 
 impl TryFrom<IdempotencyRow> for IdempotencyClaim {
@@ -471,7 +472,10 @@ impl TryFrom<IdempotencyRow> for IdempotencyClaim {
     fn try_from(r: IdempotencyRow) -> StorageResult<Self> {
         let request_hash = hash32("idempotency_keys", &r.request_hash)?;
         match (r.state.as_str(), r.status, r.body) {
-            (IDEMPOTENCY_PENDING, _, _) => Ok(IdempotencyClaim::InFlight { request_hash }),
+            (IDEMPOTENCY_PENDING, _, _) => Ok(IdempotencyClaim::InFlight {
+                request_hash,
+                created_at: r.created_at,
+            }),
             (IDEMPOTENCY_COMPLETED, Some(status), Some(body)) => Ok(IdempotencyClaim::Completed {
                 request_hash,
                 status: u16::try_from(status)

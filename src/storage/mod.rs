@@ -246,8 +246,13 @@ pub enum IdempotencyClaim {
         status: u16,
         body: Vec<u8>,
     },
-    /// Another request with this key is still in flight (or used another body).
-    InFlight { request_hash: [u8; 32] },
+    /// Another request with this key has not finished (or used another
+    /// body); `created_at` is when it claimed the key, so a caller can tell
+    /// a request still running from one a crash interrupted.
+    InFlight {
+        request_hash: [u8; 32],
+        created_at: i64,
+    },
 }
 
 /// A page of a listing.
@@ -412,6 +417,9 @@ pub trait IdempotencyStore: Send + Sync {
     ) -> StorageResult<()>;
     /// Frees a claimed key whose request failed in a retryable way.
     async fn release_idempotency_key(&self, merchant_id: &str, key: &str) -> StorageResult<()>;
+    /// Deletes up to `limit` records (completed or not) created before
+    /// `before`: the retention sweep. Returns how many went.
+    async fn sweep_idempotency_keys(&self, before: i64, limit: u32) -> StorageResult<u64>;
 }
 
 #[async_trait]

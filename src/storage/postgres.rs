@@ -804,7 +804,7 @@ impl IdempotencyStore for PgStorage {
                 return Ok(IdempotencyClaim::Claimed);
             }
             let row: Option<IdempotencyRow> = sqlx::query_as(
-                "SELECT request_hash, state, status, body FROM idempotency_keys \
+                "SELECT request_hash, state, status, body, created_at FROM idempotency_keys \
                  WHERE merchant_id = $1 AND key = $2",
             )
             .bind(merchant_id)
@@ -860,6 +860,22 @@ impl IdempotencyStore for PgStorage {
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn sweep_idempotency_keys(&self, before: i64, limit: u32) -> StorageResult<u64> {
+        // `SKIP LOCKED`: a record another node is completing or sweeping
+        // right now is left for the next round instead of waited on.
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (merchant_id, key) IN \
+             (SELECT merchant_id, key FROM idempotency_keys WHERE created_at < $1 \
+              LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.reads)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
     }
 }
 

@@ -926,7 +926,7 @@ impl IdempotencyStore for SqliteStorage {
                         return Ok(IdempotencyClaim::Claimed);
                     }
                     let row: IdempotencyRow = sqlx::query_as(
-                        "SELECT request_hash, state, status, body FROM idempotency_keys \
+                        "SELECT request_hash, state, status, body, created_at FROM idempotency_keys \
                          WHERE merchant_id = ? AND key = ?",
                     )
                     .bind(&merchant_id)
@@ -990,6 +990,27 @@ impl IdempotencyStore for SqliteStorage {
                     .await
                     .map_err(db_err)?;
                     Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn sweep_idempotency_keys(&self, before: i64, limit: u32) -> StorageResult<u64> {
+        // A bounded chunk per writer unit: the sweep takes its turn between
+        // batches instead of holding the write lock for a whole backlog.
+        self.writer
+            .run(move |batch| {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "DELETE FROM idempotency_keys WHERE rowid IN \
+                         (SELECT rowid FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+                    )
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(&mut *batch.tx)
+                    .await
+                    .map_err(db_err)?;
+                    Ok(done.rows_affected())
                 })
             })
             .await

@@ -1044,7 +1044,8 @@ async fn mixed_batches_keep_every_write(s: &dyn Storage) {
         assert_eq!(
             again,
             IdempotencyClaim::InFlight {
-                request_hash: [i; 32]
+                request_hash: [i; 32],
+                created_at: 100,
             }
         );
     }
@@ -1279,7 +1280,10 @@ async fn idempotency_keys(s: &dyn Storage) {
         s.claim_idempotency_key("mer_a", "k1", &h2, 101)
             .await
             .unwrap(),
-        IdempotencyClaim::InFlight { request_hash: h1 }
+        IdempotencyClaim::InFlight {
+            request_hash: h1,
+            created_at: 100,
+        }
     );
     s.complete_idempotency_key("mer_a", "k1", 201, b"{\"id\":\"cus_1\"}")
         .await
@@ -1328,7 +1332,10 @@ async fn idempotency_keys(s: &dyn Storage) {
         s.claim_idempotency_key("mer_a", "k2", &h1, 107)
             .await
             .unwrap(),
-        IdempotencyClaim::InFlight { request_hash: h2 }
+        IdempotencyClaim::InFlight {
+            request_hash: h2,
+            created_at: 106,
+        }
     );
     s.complete_idempotency_key("mer_a", "k2", 402, b"")
         .await
@@ -1358,6 +1365,36 @@ async fn idempotency_keys(s: &dyn Storage) {
         .filter(|c| **c == IdempotencyClaim::Claimed)
         .count();
     assert_eq!(claimed, 1);
+
+    // The retention sweep: records older than the cut go, completed or
+    // not, in chunks of at most `limit`; younger ones stay.
+    // Now: mer_a/k1 completed at 100, mer_b/k1 pending at 104, mer_a/k2
+    // completed at 106, mer_a/k3 pending at 109.
+    assert_eq!(s.sweep_idempotency_keys(105, 1).await.unwrap(), 1);
+    assert_eq!(s.sweep_idempotency_keys(105, 10).await.unwrap(), 1);
+    assert_eq!(s.sweep_idempotency_keys(105, 10).await.unwrap(), 0);
+    for merchant in ["mer_a", "mer_b"] {
+        assert_eq!(
+            s.claim_idempotency_key(merchant, "k1", &h2, 110)
+                .await
+                .unwrap(),
+            IdempotencyClaim::Claimed,
+            "{merchant}/k1 was swept"
+        );
+    }
+    assert!(matches!(
+        s.claim_idempotency_key("mer_a", "k2", &h2, 110)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Completed { status: 402, .. }
+    ));
+    assert_eq!(s.sweep_idempotency_keys(1_000, 100).await.unwrap(), 4);
+    assert_eq!(
+        s.claim_idempotency_key("mer_a", "k3", &h2, 1_001)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
 }
 
 fn data_key(id: &str, merchant: Option<&str>, purpose: &str, version: i64) -> DataKeyRecord {

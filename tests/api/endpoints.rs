@@ -1,5 +1,7 @@
 //! Every endpoint's happy path and its documented behaviour.
 
+use std::time::Duration;
+
 use cardvault::crypto::CryptoMode;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -370,6 +372,58 @@ async fn idempotency_keys(backend: Backend, mode: CryptoMode) {
     app.stop().await;
 }
 matrix!(idempotency_keys);
+
+/// Records older than the retention are deleted by the maintenance run:
+/// the key then starts afresh instead of conflicting forever.
+async fn idempotency_records_expire(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        // Retention is never shorter than the lease: 2 s here.
+        cfg.audit.idempotency_retention_days = 0;
+        cfg.limits.idempotency_lease_secs = 2;
+        cfg.keys.maintenance_interval_secs = 1;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let send = |email: &str| {
+        app.call_with_headers(
+            Method::POST,
+            "/v1/customers",
+            &m.sk,
+            json!({ "email": email }),
+            &[("Idempotency-Key", "expiring-1")],
+        )
+    };
+    let started = std::time::Instant::now();
+    let (s, first, _) = send("first@example.com").await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    let (s, e, _) = send("second@example.com").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the machine stalled"
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let second = loop {
+        let (s, v, headers) = send("second@example.com").await;
+        if s == StatusCode::CREATED {
+            assert!(headers.get("idempotent-replayed").is_none(), "{v}");
+            break v;
+        }
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the record never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "swept before the retention"
+    );
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["email"], "second@example.com");
+    app.stop().await;
+}
+matrix!(idempotency_records_expire);
 
 /// HTTP/2 and HTTP/1.1 are both offered by ALPN; TLS 1.2 and 1.3 work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! The `http` processor against a fake processor on 127.0.0.1: it receives
 //! the PAN and the CVV, while nothing merchant-facing does; a processor that
 //! hangs leaves the charge pending, and a retry with the same idempotency
-//! key does not charge again.
+//! key does not charge again, also when the first request was cut off.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,8 @@ use crate::support::*;
 
 #[derive(Default)]
 struct Fake {
-    hang: bool,
+    /// How long every request waits before it is answered.
+    hang: Duration,
     /// (path, body) of every request.
     requests: Vec<(String, String)>,
 }
@@ -35,9 +36,7 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                         st.requests.push((op.clone(), body));
                         st.hang
                     };
-                    if hang {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
+                    tokio::time::sleep(hang).await;
                     let answer = if op == "authorize" {
                         json!({"status": "approved", "reference": "fp_0001"})
                     } else {
@@ -156,7 +155,7 @@ async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mod
 
     // A processor that hangs: the charge is pending (outcome unknown), and
     // retrying with the same idempotency key does not authorize again.
-    fake.lock().unwrap().hang = true;
+    fake.lock().unwrap().hang = Duration::from_secs(5);
     let body = json!({"amount": 777, "currency": "usd", "customer": cus});
     let (s, p1, _) = app
         .call_with_headers(
@@ -223,3 +222,87 @@ async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mod
     );
 }
 matrix!(http_processor_gets_the_card_and_nobody_else_does);
+
+/// The request timeout answers 503 while the charge is still waiting on the
+/// processor: the charge runs to its end anyway and stores its answer, so a
+/// retry first hears "in progress", then (past the lease) "interrupted", and
+/// once the charge is done gets the stored answer. The processor sees one
+/// authorization throughout.
+async fn cut_off_idempotent_request_finishes_and_replays(backend: Backend, mode: CryptoMode) {
+    let (url, fake) = fake_processor().await;
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.processor = "http".to_string();
+        cfg.payments.http.url = url.clone();
+        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
+        cfg.payments.http.timeout_ms = 6_000;
+        cfg.limits.request_timeout_secs = 2;
+        cfg.limits.idempotency_lease_secs = 4;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "cutoff@example.com").await;
+    app.card(&m.sk, &cus, &random_visa()).await;
+    fake.lock().unwrap().hang = Duration::from_secs(10);
+    let body = json!({"amount": 1234, "currency": "usd", "customer": cus});
+    let send = || {
+        app.call_with_headers(
+            Method::POST,
+            "/v1/charges",
+            &m.sk,
+            body.clone(),
+            &[("Idempotency-Key", "cut-off-1")],
+        )
+    };
+    let started = std::time::Instant::now();
+    let (s, first, _) = send().await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{first}");
+    assert_eq!(first["error"]["code"], "timeout", "{first}");
+
+    // Under the lease (claimed at most 3 s ago): still in progress.
+    let (s, busy, _) = send().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the machine stalled"
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{busy}");
+    assert_eq!(busy["error"]["code"], "idempotency_key_in_use", "{busy}");
+
+    // Past the lease, with the processor call still running: interrupted,
+    // and not run again.
+    tokio::time::sleep(Duration::from_millis(4_300).saturating_sub(started.elapsed())).await;
+    let (s, cut, _) = send().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the machine stalled"
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{cut}");
+    assert_eq!(cut["error"]["code"], "idempotency_key_interrupted", "{cut}");
+    assert_eq!(cut["error"]["param"], "Idempotency-Key", "{cut}");
+
+    // The processor times out at 6 s and the charge is stored as pending;
+    // from then on the key replays that answer.
+    let replayed = loop {
+        let (s, again, headers) = send().await;
+        if s != StatusCode::CONFLICT {
+            assert_eq!(s, StatusCode::CREATED, "{again}");
+            assert_eq!(
+                headers
+                    .get("idempotent-replayed")
+                    .map(|v| v.to_str().unwrap()),
+                Some("true")
+            );
+            break again;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the cut-off charge never stored its answer: {again}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(replayed["status"], "pending", "{replayed}");
+    assert_eq!(replayed["amount"], 1234);
+    assert_eq!(authorizations(&fake).len(), 1, "one authorization in all");
+    let (_, all) = app.get(&format!("/v1/charges?customer={cus}"), &m.sk).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 1, "{all}");
+}
+matrix!(cut_off_idempotent_request_finishes_and_replays);
