@@ -491,6 +491,13 @@ pub struct PaymentsConfig {
     /// Wrong micro-charge amounts allowed before the verification fails.
     pub verification_max_attempts: u32,
     pub webhooks: WebhookConfig,
+    /// How often each node looks for charges whose processor outcome is
+    /// unknown, to ask the processor (reconciliation).
+    pub reconcile_interval_secs: u64,
+    /// How long such a charge stays untouched before it is looked up: a
+    /// request the processor is still working on must not be mistaken for
+    /// one it never received.
+    pub reconcile_after_secs: u64,
 }
 
 /// The `http` processor: where the card goes and how.
@@ -537,6 +544,8 @@ impl Default for PaymentsConfig {
             require_verified_cards: false,
             verification_max_attempts: 3,
             webhooks: WebhookConfig::default(),
+            reconcile_interval_secs: 60,
+            reconcile_after_secs: 300,
         }
     }
 }

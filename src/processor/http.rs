@@ -10,10 +10,12 @@
 //!   outcome*: the charge stays `pending` (`processor_unavailable`) and is
 //!   reconciled, never sent again blindly.
 //!
-//! Wire protocol (`POST {url}/authorize|capture|refund|void`, header
+//! Wire protocol (`POST {url}/authorize|capture|refund|void|lookup`, header
 //! `Idempotency-Key: <reference>`): the answer to authorize is
 //! `{"status": "approved"|"declined"|"cvc_required", "reference", "code",
-//! "message"}`; the other calls answer any 2xx on success.
+//! "message"}`; lookup (`{"reference"}`, for reconciliation) answers the
+//! same, or `{"status": "not_found"}` when the processor never received
+//! that authorization; the other calls answer any 2xx on success.
 
 use std::time::Duration;
 
@@ -178,24 +180,9 @@ impl Processor for HttpProcessor {
             .post("authorize", req.reference, body.as_bytes().to_vec())
             .await?;
         drop(body);
-        let answer: AuthorizeAnswer = resp
-            .json()
-            .await
-            .map_err(|e| ProcessorError::Unknown(format!("authorize: unreadable answer: {e}")))?;
-        match answer.status.as_str() {
-            "approved" => Ok(AuthOutcome::Approved {
-                reference: answer
-                    .reference
-                    .unwrap_or_else(|| req.reference.to_string()),
-            }),
-            "declined" => Ok(AuthOutcome::Declined {
-                code: answer.code.unwrap_or_else(|| "card_declined".to_string()),
-                message: answer
-                    .message
-                    .unwrap_or_else(|| "the card was declined".to_string()),
-            }),
-            "cvc_required" => Ok(AuthOutcome::CvcRequired),
-            _ => Err(ProcessorError::Unknown(
+        match outcome("authorize", req.reference, resp).await? {
+            Some(outcome) => Ok(outcome),
+            None => Err(ProcessorError::Unknown(
                 "authorize: unknown status in answer".to_string(),
             )),
         }
@@ -211,6 +198,42 @@ impl Processor for HttpProcessor {
 
     async fn void(&self, reference: &str) -> ProcessorResult<()> {
         self.simple("void", reference, None).await
+    }
+
+    async fn lookup(&self, reference: &str) -> ProcessorResult<Option<AuthOutcome>> {
+        let body = serde_json::json!({ "reference": reference });
+        let resp = self
+            .post("lookup", reference, body.to_string().into_bytes())
+            .await?;
+        outcome("lookup", reference, resp).await
+    }
+}
+
+/// Reads an authorize or lookup answer: `None` for `not_found`.
+async fn outcome(
+    op: &str,
+    reference: &str,
+    resp: reqwest::Response,
+) -> ProcessorResult<Option<AuthOutcome>> {
+    let answer: AuthorizeAnswer = resp
+        .json()
+        .await
+        .map_err(|e| ProcessorError::Unknown(format!("{op}: unreadable answer: {e}")))?;
+    match answer.status.as_str() {
+        "approved" => Ok(Some(AuthOutcome::Approved {
+            reference: answer.reference.unwrap_or_else(|| reference.to_string()),
+        })),
+        "declined" => Ok(Some(AuthOutcome::Declined {
+            code: answer.code.unwrap_or_else(|| "card_declined".to_string()),
+            message: answer
+                .message
+                .unwrap_or_else(|| "the card was declined".to_string()),
+        })),
+        "cvc_required" => Ok(Some(AuthOutcome::CvcRequired)),
+        "not_found" if op == "lookup" => Ok(None),
+        _ => Err(ProcessorError::Unknown(format!(
+            "{op}: unknown status in answer"
+        ))),
     }
 }
 

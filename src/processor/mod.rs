@@ -77,6 +77,10 @@ pub trait Processor: Send + Sync {
     async fn capture(&self, reference: &str, amount: Money) -> ProcessorResult<()>;
     async fn refund(&self, reference: &str, amount: Money) -> ProcessorResult<()>;
     async fn void(&self, reference: &str) -> ProcessorResult<()>;
+    /// What became of the authorization sent with `reference` whose answer
+    /// was lost (reconciliation): its outcome, or `None` when the processor
+    /// never received it. `Unknown` when it cannot tell yet.
+    async fn lookup(&self, reference: &str) -> ProcessorResult<Option<AuthOutcome>>;
     /// A zero-amount authorization (CVV check).
     async fn verify(&self, card: PaymentCard<'_>, reference: &str) -> ProcessorResult<AuthOutcome> {
         self.authorize(&AuthorizeRequest {
@@ -95,7 +99,7 @@ pub fn from_config(
     cfg: &crate::config::PaymentsConfig,
 ) -> Result<std::sync::Arc<dyn Processor>, String> {
     match cfg.processor.as_str() {
-        "sandbox" => Ok(std::sync::Arc::new(sandbox::SandboxProcessor)),
+        "sandbox" => Ok(std::sync::Arc::new(sandbox::SandboxProcessor::default())),
         "http" => Ok(std::sync::Arc::new(http::HttpProcessor::new(&cfg.http)?)),
         other => Err(format!("unknown processor {other:?}")),
     }

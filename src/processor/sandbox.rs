@@ -9,8 +9,12 @@
 //! | 4000000000000002    | declined, `do_not_honor`                              |
 //! | 4000000000000069    | declined, `card_expired`                              |
 //! | 4000000000000101    | stored-card charge without CVV: `provide_cvc` pending |
-//! | 4000000000000259    | processor timeout: outcome unknown                    |
+//! | 4000000000000259    | processor timeout: outcome unknown; approved when the |
+//! |                     | charge is reconciled (lookup) by the same process     |
 //! | 4000000000000119    | processor error: fails, nothing charged               |
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 
@@ -24,9 +28,17 @@ pub const REQUIRES_CVC: &str = "4000000000000101";
 pub const TIMEOUT: &str = "4000000000000259";
 pub const PROCESSOR_ERROR: &str = "4000000000000119";
 
+/// How many withheld answers the sandbox remembers for lookups.
+const REMEMBERED: usize = 10_000;
+
 /// See the module documentation for the table of test cards.
-#[derive(Clone, Debug, Default)]
-pub struct SandboxProcessor;
+#[derive(Debug, Default)]
+pub struct SandboxProcessor {
+    /// Authorizations whose answer was withheld (the timeout card), with the
+    /// outcome a lookup reveals, oldest first. In memory only: after a
+    /// restart the sandbox has "never received" them.
+    withheld: Mutex<VecDeque<(String, AuthOutcome)>>,
+}
 
 fn declined(code: &str, message: &str) -> AuthOutcome {
     AuthOutcome::Declined {
@@ -49,9 +61,20 @@ impl Processor for SandboxProcessor {
             CARD_EXPIRED => declined("card_expired", "the card has expired"),
             REQUIRES_CVC if req.card.cvc.is_none() => AuthOutcome::CvcRequired,
             TIMEOUT => {
+                // The authorization went through; only its answer is lost.
+                let mut withheld = self.withheld.lock().unwrap_or_else(|e| e.into_inner());
+                if withheld.len() == REMEMBERED {
+                    withheld.pop_front();
+                }
+                withheld.push_back((
+                    req.reference.to_string(),
+                    AuthOutcome::Approved {
+                        reference: new_id("sbx"),
+                    },
+                ));
                 return Err(ProcessorError::Unknown(
                     "sandbox: simulated processor timeout".to_string(),
-                ))
+                ));
             }
             PROCESSOR_ERROR => {
                 return Err(ProcessorError::Failed(
@@ -76,6 +99,14 @@ impl Processor for SandboxProcessor {
     async fn void(&self, _reference: &str) -> ProcessorResult<()> {
         Ok(())
     }
+
+    async fn lookup(&self, reference: &str) -> ProcessorResult<Option<AuthOutcome>> {
+        let withheld = self.withheld.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(withheld
+            .iter()
+            .find(|(r, _)| r == reference)
+            .map(|(_, outcome)| outcome.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -87,7 +118,7 @@ mod tests {
 
     async fn run(number: &str, cvc: Option<&str>) -> ProcessorResult<AuthOutcome> {
         let pan = Pan::parse(number).unwrap();
-        SandboxProcessor
+        SandboxProcessor::default()
             .authorize(&AuthorizeRequest {
                 card: PaymentCard {
                     pan: &pan,
@@ -137,5 +168,32 @@ mod tests {
             run(PROCESSOR_ERROR, None).await,
             Err(ProcessorError::Failed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_withheld_answer_is_found_by_lookup() {
+        let sandbox = SandboxProcessor::default();
+        let pan = Pan::parse(TIMEOUT).unwrap();
+        let lost = sandbox
+            .authorize(&AuthorizeRequest {
+                card: PaymentCard {
+                    pan: &pan,
+                    exp_month: 12,
+                    exp_year: 2031,
+                    holder_name: None,
+                    cvc: None,
+                },
+                amount: Some(Money::new(1000, Currency::Usd).unwrap()),
+                capture: true,
+                stored_credential: true,
+                reference: "ch_lost",
+            })
+            .await;
+        assert!(matches!(lost, Err(ProcessorError::Unknown(_))));
+        assert!(matches!(
+            sandbox.lookup("ch_lost").await,
+            Ok(Some(AuthOutcome::Approved { .. }))
+        ));
+        assert_eq!(sandbox.lookup("ch_never_sent").await, Ok(None));
     }
 }

@@ -1,8 +1,8 @@
 //! Background workers started with the server: the token sweeper (purges
-//! the sealed payloads of expired tokens, deletes day-old capture sessions)
-//! and the webhook delivery loop.
-//! Both are safe to run on every node: their database updates are
-//! idempotent, and a delivery is at-least-once.
+//! the sealed payloads of expired tokens, deletes day-old capture sessions),
+//! the webhook delivery loop and charge reconciliation.
+//! All are safe to run on every node: their database updates are
+//! idempotent or version-checked, and a delivery is at-least-once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,23 @@ impl Workers {
                 }
             })
         };
+        let reconcile_every =
+            Duration::from_secs(vault.payments_config().reconcile_interval_secs.max(1));
+        let reconciler = {
+            let vault = Arc::clone(&vault);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(reconcile_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    match vault.reconcile_charges().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(settled = n, "charges reconciled"),
+                        Err(e) => tracing::warn!(error = %e, "charge reconciliation failed"),
+                    }
+                }
+            })
+        };
         let poll = Duration::from_millis(vault.payments_config().webhooks.poll_ms.max(10));
         let deliveries = tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
@@ -51,7 +68,7 @@ impl Workers {
             }
         });
         Workers {
-            handles: vec![sweeper, deliveries],
+            handles: vec![sweeper, reconciler, deliveries],
         }
     }
 

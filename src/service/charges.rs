@@ -21,6 +21,71 @@ use crate::storage::{
     CardRecord, ChargeRecord, EventRecord, LineItem, Metadata, Page, RefundRecord, StorageError,
 };
 
+/// A new version of the charge, cleared of the previous outcome's details.
+fn next_version(charge: &mut ChargeRecord) {
+    charge.version += 1;
+    charge.updated_at = now();
+    charge.next_action = None;
+    charge.failure_code = None;
+    charge.failure_message = None;
+}
+
+/// Applies what the processor said about an authorization to the charge
+/// (a new version), and names the event it makes. `cvc_given`: whether the
+/// authorization carried a CVV.
+fn settle(
+    charge: &mut ChargeRecord,
+    result: Result<AuthOutcome, ProcessorError>,
+    cvc_given: bool,
+) -> &'static str {
+    next_version(charge);
+    match result {
+        Ok(AuthOutcome::Approved { reference }) => {
+            charge.status = STATUS_SUCCEEDED.to_string();
+            charge.processor_ref = Some(reference);
+            if charge.capture_requested {
+                charge.captured = true;
+                charge.amount_captured = charge.amount;
+            }
+            "charge.succeeded"
+        }
+        Ok(AuthOutcome::Declined { code, message }) => {
+            charge.status = STATUS_FAILED.to_string();
+            charge.failure_code = Some(code);
+            charge.failure_message = Some(message);
+            "charge.failed"
+        }
+        Ok(AuthOutcome::CvcRequired) if !cvc_given => {
+            charge.status = STATUS_PENDING.to_string();
+            charge.next_action = Some(NEXT_PROVIDE_CVC.to_string());
+            "charge.pending"
+        }
+        Ok(AuthOutcome::CvcRequired) => {
+            charge.status = STATUS_FAILED.to_string();
+            charge.failure_code = Some("incorrect_cvc".to_string());
+            charge.failure_message = Some("the issuer did not accept the CVV".to_string());
+            "charge.failed"
+        }
+        Err(ProcessorError::Unknown(cause)) => {
+            // The processor may have charged the card: never retry
+            // blindly. The charge stays pending for reconciliation.
+            tracing::warn!(charge = %charge.id, %cause, "processor outcome unknown");
+            charge.status = STATUS_PENDING.to_string();
+            charge.failure_code = Some("processor_unavailable".to_string());
+            charge.failure_message =
+                Some("the processor did not answer; the outcome will be reconciled".to_string());
+            "charge.pending"
+        }
+        Err(ProcessorError::Failed(cause)) => {
+            tracing::warn!(charge = %charge.id, %cause, "processor error");
+            charge.status = STATUS_FAILED.to_string();
+            charge.failure_code = Some("processing_error".to_string());
+            charge.failure_message = Some("the processor could not process the charge".to_string());
+            "charge.failed"
+        }
+    }
+}
+
 /// A charge request, as parsed by the api layer.
 pub struct NewCharge {
     pub amount: i64,
@@ -403,58 +468,7 @@ impl Vault {
             .await;
         drop(pan);
         let expected = charge.version;
-        charge.version += 1;
-        charge.updated_at = now();
-        charge.next_action = None;
-        charge.failure_code = None;
-        charge.failure_message = None;
-        let event_type = match result {
-            Ok(AuthOutcome::Approved { reference }) => {
-                charge.status = STATUS_SUCCEEDED.to_string();
-                charge.processor_ref = Some(reference);
-                if charge.capture_requested {
-                    charge.captured = true;
-                    charge.amount_captured = charge.amount;
-                }
-                "charge.succeeded"
-            }
-            Ok(AuthOutcome::Declined { code, message }) => {
-                charge.status = STATUS_FAILED.to_string();
-                charge.failure_code = Some(code);
-                charge.failure_message = Some(message);
-                "charge.failed"
-            }
-            Ok(AuthOutcome::CvcRequired) if cvc.is_none() => {
-                charge.status = STATUS_PENDING.to_string();
-                charge.next_action = Some(NEXT_PROVIDE_CVC.to_string());
-                "charge.pending"
-            }
-            Ok(AuthOutcome::CvcRequired) => {
-                charge.status = STATUS_FAILED.to_string();
-                charge.failure_code = Some("incorrect_cvc".to_string());
-                charge.failure_message = Some("the issuer did not accept the CVV".to_string());
-                "charge.failed"
-            }
-            Err(ProcessorError::Unknown(cause)) => {
-                // The processor may have charged the card: never retry
-                // blindly. The charge stays pending for reconciliation.
-                tracing::warn!(charge = %charge.id, %cause, "processor outcome unknown");
-                charge.status = STATUS_PENDING.to_string();
-                charge.failure_code = Some("processor_unavailable".to_string());
-                charge.failure_message = Some(
-                    "the processor did not answer; the outcome will be reconciled".to_string(),
-                );
-                "charge.pending"
-            }
-            Err(ProcessorError::Failed(cause)) => {
-                tracing::warn!(charge = %charge.id, %cause, "processor error");
-                charge.status = STATUS_FAILED.to_string();
-                charge.failure_code = Some("processing_error".to_string());
-                charge.failure_message =
-                    Some("the processor could not process the charge".to_string());
-                "charge.failed"
-            }
-        };
+        let event_type = settle(charge, result, cvc.is_some());
         let event = self.charge_event_with_link(charge, event_type).await;
         let mut audit = ctx.audit("charge.authorize", Some(&charge.id), "success");
         audit.detail = Some(format!("status={}", charge.status));
@@ -763,5 +777,77 @@ impl Vault {
             .storage
             .list_refunds(ctx.merchant_id(), charge_id)
             .await?)
+    }
+}
+
+/// How many unsettled charges one reconciliation round looks up.
+const RECONCILE_BATCH: u32 = 100;
+
+impl Vault {
+    /// Reconciliation: asks the processor what became of charges whose
+    /// outcome is unknown and that have not changed for
+    /// `payments.reconcile_after_secs` (`pending` after a lost answer, or
+    /// `processing` when a node stopped during the call), and stores it
+    /// with its event and audit entry. A charge the processor never
+    /// received fails (nothing was charged); one it cannot tell about yet
+    /// is left for the next round. Nothing is ever authorized again. Safe
+    /// on every node: the charge's version decides which node stores it.
+    /// Returns how many charges were settled.
+    pub async fn reconcile_charges(&self) -> ServiceResult<u64> {
+        let wait = i64::try_from(self.payments.reconcile_after_secs).unwrap_or(i64::MAX);
+        let unsettled = self
+            .storage
+            .unsettled_charges(now().saturating_sub(wait), RECONCILE_BATCH)
+            .await?;
+        let mut settled = 0;
+        for mut charge in unsettled {
+            // Charges sent through another processor (the configuration
+            // changed) are only that processor's to answer for.
+            if charge.processor != self.processor.name() {
+                continue;
+            }
+            let found = match self.processor.lookup(&charge.id).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(charge = %charge.id, error = %e, "reconciliation lookup failed");
+                    continue;
+                }
+            };
+            let expected = charge.version;
+            let event_type = match found {
+                // The CVV, if any, is long gone: a CVV request becomes
+                // `provide_cvc`, which the cardholder can still answer.
+                Some(outcome) => settle(&mut charge, Ok(outcome), false),
+                None => {
+                    next_version(&mut charge);
+                    charge.status = STATUS_FAILED.to_string();
+                    charge.failure_code = Some("processor_unavailable".to_string());
+                    charge.failure_message = Some(
+                        "the processor never received the charge; nothing was charged".to_string(),
+                    );
+                    "charge.failed"
+                }
+            };
+            let event = self.charge_event_with_link(&charge, event_type).await;
+            let detail = format!("status={}", charge.status);
+            let mut audit = super::audit::system_entry(
+                "charge.reconcile",
+                Some(&charge.id),
+                "success",
+                Some(&detail),
+            );
+            audit.merchant_id = Some(charge.merchant_id.clone());
+            match self
+                .storage
+                .update_charge(&charge, expected, None, &[event], &audit)
+                .await
+            {
+                Ok(()) => settled += 1,
+                // Another node, or the merchant (a cancel), got there first.
+                Err(StorageError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(settled)
     }
 }

@@ -164,7 +164,7 @@ impl Vault {
             storage,
             keyring,
             auth_cache: auth::KeyCache::default(),
-            processor: Arc::new(SandboxProcessor),
+            processor: Arc::new(SandboxProcessor::default()),
             payments: PaymentsConfig::default(),
             hosted: HostedSettings::default(),
             webhook_client: std::sync::OnceLock::new(),

@@ -663,6 +663,30 @@ macro_rules! impl_payment_stores {
                 row.map(ChargeRecord::try_from).transpose()
             }
 
+            async fn unsettled_charges(
+                &self,
+                before: i64,
+                limit: u32,
+            ) -> StorageResult<Vec<ChargeRecord>> {
+                // The first condition is the predicate of the partial index
+                // `charges_unsettled`, written the same way so both
+                // planners use it.
+                let rows: Vec<ChargeRow> = sqlx::query_as(&$q(concat!(
+                    "SELECT ",
+                    charge_columns!(),
+                    " FROM charges WHERE status IN ('processing', 'pending') \
+                     AND updated_at < ? \
+                     AND (status = 'processing' OR failure_code = 'processor_unavailable') \
+                     ORDER BY updated_at LIMIT ?"
+                )))
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await
+                .map_err($err)?;
+                rows.into_iter().map(ChargeRecord::try_from).collect()
+            }
+
             async fn list_charges(
                 &self,
                 merchant_id: &str,

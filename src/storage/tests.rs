@@ -173,6 +173,7 @@ on_both_backends!(
     batched_writes_fail_alone_and_keep_the_chain,
     mixed_batches_keep_every_write,
     batched_charge_writes_check_versions_per_row,
+    unsettled_charges_are_found,
 );
 
 // ---------------------------------------------------------------- builders
@@ -1103,6 +1104,70 @@ fn charge_event(c: &ChargeRecord, event_type: &str) -> EventRecord {
 /// wins, an update of a charge whose version moved fails alone, a reused
 /// charge id fails alone, and only stored writes leave events and audit
 /// entries.
+/// Reconciliation's query: `processing`, or `pending` after a lost answer,
+/// of every merchant, unchanged since the cut; oldest change first.
+async fn unsettled_charges_are_found(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    let at = |merchant: &str, id: &str, status: &str, updated_at: i64| {
+        let mut c = charge(merchant, id);
+        c.status = status.to_string();
+        c.updated_at = updated_at;
+        c
+    };
+    let mut lost = at("mer_a", "ch_lost", "pending", 200);
+    lost.failure_code = Some("processor_unavailable".to_string());
+    let mut awaiting_cvc = at("mer_a", "ch_cvc", "pending", 150);
+    awaiting_cvc.next_action = Some("provide_cvc".to_string());
+    for c in [
+        at("mer_a", "ch_stuck", "processing", 100),
+        lost.clone(),
+        awaiting_cvc,
+        at("mer_a", "ch_done", "succeeded", 50),
+        at("mer_a", "ch_recent", "processing", 1_000),
+        at("mer_b", "ch_other", "processing", 300),
+    ] {
+        s.insert_charge(
+            &c,
+            &[],
+            &audit("charge.create", Some(&c.merchant_id), Some(&c.id)),
+        )
+        .await
+        .unwrap();
+    }
+    let ids = |v: Vec<ChargeRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.unsettled_charges(500, 10).await.unwrap()),
+        ["ch_stuck", "ch_lost", "ch_other"]
+    );
+    assert_eq!(
+        ids(s.unsettled_charges(500, 2).await.unwrap()),
+        ["ch_stuck", "ch_lost"]
+    );
+    assert_eq!(
+        ids(s.unsettled_charges(100, 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+    // Settled, it is no longer found.
+    let mut settled = lost.clone();
+    settled.status = "succeeded".to_string();
+    settled.failure_code = None;
+    settled.version += 1;
+    s.update_charge(
+        &settled,
+        lost.version,
+        None,
+        &[],
+        &audit("charge.reconcile", Some("mer_a"), Some("ch_lost")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(s.unsettled_charges(500, 10).await.unwrap()),
+        ["ch_stuck", "ch_other"]
+    );
+}
+
 async fn batched_charge_writes_check_versions_per_row(s: &dyn Storage) {
     merchant(s, "mer_a", 1).await;
     let before = all_audit(s).await.len();

@@ -1,7 +1,8 @@
 //! The `http` processor against a fake processor on 127.0.0.1: it receives
 //! the PAN and the CVV, while nothing merchant-facing does; a processor that
 //! hangs leaves the charge pending, and a retry with the same idempotency
-//! key does not charge again, also when the first request was cut off.
+//! key does not charge again, also when the first request was cut off;
+//! reconciliation then asks the processor what became of such charges.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +17,10 @@ use crate::support::*;
 
 #[derive(Default)]
 struct Fake {
-    /// How long every request waits before it is answered.
+    /// How long every authorization waits before it is answered.
     hang: Duration,
+    /// What a lookup of a reference answers (else `not_found`).
+    found: std::collections::HashMap<String, Value>,
     /// (path, body) of every request.
     requests: Vec<(String, String)>,
 }
@@ -31,11 +34,18 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
             move |axum::extract::Path(op): axum::extract::Path<String>, body: String| {
                 let state = Arc::clone(&s);
                 async move {
-                    let hang = {
+                    let (hang, found) = {
                         let mut st = state.lock().unwrap();
-                        st.requests.push((op.clone(), body));
-                        st.hang
+                        st.requests.push((op.clone(), body.clone()));
+                        let reference = serde_json::from_str::<Value>(&body)
+                            .ok()
+                            .and_then(|v| v["reference"].as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        (st.hang, st.found.get(&reference).cloned())
                     };
+                    if op == "lookup" {
+                        return axum::Json(found.unwrap_or(json!({"status": "not_found"})));
+                    }
                     tokio::time::sleep(hang).await;
                     let answer = if op == "authorize" {
                         json!({"status": "approved", "reference": "fp_0001"})
@@ -86,14 +96,18 @@ pub fn random_visa() -> String {
         .collect()
 }
 
-fn authorizations(fake: &Arc<Mutex<Fake>>) -> Vec<String> {
+fn requests(fake: &Arc<Mutex<Fake>>, op: &str) -> Vec<String> {
     fake.lock()
         .unwrap()
         .requests
         .iter()
-        .filter(|(op, _)| op == "authorize")
+        .filter(|(o, _)| o == op)
         .map(|(_, b)| b.clone())
         .collect()
+}
+
+fn authorizations(fake: &Arc<Mutex<Fake>>) -> Vec<String> {
+    requests(fake, "authorize")
 }
 
 async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mode: CryptoMode) {
@@ -306,3 +320,95 @@ async fn cut_off_idempotent_request_finishes_and_replays(backend: Backend, mode:
     assert_eq!(all["data"].as_array().unwrap().len(), 1, "{all}");
 }
 matrix!(cut_off_idempotent_request_finishes_and_replays);
+
+/// Two charges whose answers were lost: reconciliation looks them up once
+/// they have been still for `reconcile_after_secs`. The one the processor
+/// approved succeeds (captured, as asked); the one it never received fails
+/// with nothing charged. Neither is authorized again, and each change is an
+/// event.
+async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
+    let (url, fake) = fake_processor().await;
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.processor = "http".to_string();
+        cfg.payments.http.url = url.clone();
+        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
+        cfg.payments.http.timeout_ms = 300;
+        cfg.payments.reconcile_interval_secs = 1;
+        cfg.payments.reconcile_after_secs = 1;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "lost@example.com").await;
+    app.card(&m.sk, &cus, &random_visa()).await;
+    fake.lock().unwrap().hang = Duration::from_secs(2);
+    let mut ids = Vec::new();
+    for amount in [500, 600] {
+        let (s, ch) = app
+            .post(
+                "/v1/charges",
+                &m.sk,
+                json!({"amount": amount, "currency": "usd", "customer": cus}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ch}");
+        assert_eq!(ch["status"], "pending", "{ch}");
+        assert_eq!(ch["failure_code"], "processor_unavailable", "{ch}");
+        ids.push(ch["id"].as_str().unwrap().to_string());
+    }
+    let (approved, unknown) = (&ids[0], &ids[1]);
+    fake.lock().unwrap().found.insert(
+        approved.clone(),
+        json!({"status": "approved", "reference": "fp_late"}),
+    );
+
+    let started = std::time::Instant::now();
+    let (a, u) = loop {
+        let (_, a) = app.get(&format!("/v1/charges/{approved}"), &m.sk).await;
+        let (_, u) = app.get(&format!("/v1/charges/{unknown}"), &m.sk).await;
+        if a["status"] != "pending" && u["status"] != "pending" {
+            break (a, u);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not reconciled: {a} {u}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(a["captured"], true, "{a}");
+    assert_eq!(a["amount_captured"], 500, "{a}");
+    assert!(a["failure_code"].is_null(), "{a}");
+    assert_eq!(u["status"], "failed", "{u}");
+    assert_eq!(u["failure_code"], "processor_unavailable", "{u}");
+    assert_eq!(u["amount_captured"], 0, "{u}");
+
+    assert_eq!(authorizations(&fake).len(), 2, "nothing authorized again");
+    let lookups = requests(&fake, "lookup");
+    for id in &ids {
+        assert!(
+            lookups.iter().any(|b| b.contains(id.as_str())),
+            "{id} looked up: {lookups:?}"
+        );
+    }
+    let (_, events) = app.get("/v1/events?limit=100", &m.sk).await;
+    let kinds: Vec<(String, String)> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["data"]["object"]["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("charge.succeeded".to_string(), approved.clone())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("charge.failed".to_string(), unknown.clone())),
+        "{kinds:?}"
+    );
+}
+matrix!(lost_answers_are_reconciled);
