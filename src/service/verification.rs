@@ -212,9 +212,19 @@ impl Vault {
         };
         match result {
             Ok(o) => Ok(o),
-            Err(ProcessorError::Failed(m) | ProcessorError::Unknown(m)) => {
+            Err(ProcessorError::Unknown(m)) => {
+                // The micro-charge may have been authorized: a hold on the
+                // cardholder's money nobody will use. Void it by our
+                // reference (a no-op for the processor if it never got
+                // it); the request still fails, nothing is recorded.
+                if amount.is_some() {
+                    if let Err(e) = self.processor.void(reference).await {
+                        tracing::warn!(verification = %reference, error = %e, "could not void a micro-charge of unknown outcome");
+                    }
+                }
                 Err(ServiceError::Unavailable(m))
             }
+            Err(ProcessorError::Failed(m)) => Err(ServiceError::Unavailable(m)),
         }
     }
 

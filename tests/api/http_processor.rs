@@ -46,7 +46,9 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                     if op == "lookup" {
                         return axum::Json(found.unwrap_or(json!({"status": "not_found"})));
                     }
-                    tokio::time::sleep(hang).await;
+                    if op == "authorize" {
+                        tokio::time::sleep(hang).await;
+                    }
                     let answer = if op == "authorize" {
                         json!({"status": "approved", "reference": "fp_0001"})
                     } else {
@@ -412,3 +414,44 @@ async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
     );
 }
 matrix!(lost_answers_are_reconciled);
+
+/// A micro-charge verification whose authorization got no answer: the
+/// request fails (503, nothing recorded) and the possible hold is voided by
+/// the same reference.
+async fn unanswered_micro_charge_is_voided(backend: Backend, mode: CryptoMode) {
+    let (url, fake) = fake_processor().await;
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.processor = "http".to_string();
+        cfg.payments.http.url = url.clone();
+        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
+        cfg.payments.http.timeout_ms = 300;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "hold@example.com").await;
+    let card = app.card(&m.sk, &cus, &random_visa()).await;
+    let card_id = card["id"].as_str().unwrap();
+    fake.lock().unwrap().hang = Duration::from_secs(2);
+    let (s, e) = app
+        .post(
+            &format!("/v1/customers/{cus}/cards/{card_id}/verifications"),
+            &m.sk,
+            json!({"method": "micro_charge"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    let auths = authorizations(&fake);
+    assert_eq!(auths.len(), 1);
+    let reference = serde_json::from_str::<Value>(&auths[0]).unwrap()["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reference.starts_with("cver_"), "{reference}");
+    let voids = requests(&fake, "void");
+    assert_eq!(voids.len(), 1, "{voids:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&voids[0]).unwrap()["reference"],
+        reference.as_str()
+    );
+}
+matrix!(unanswered_micro_charge_is_voided);
