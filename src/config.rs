@@ -58,9 +58,11 @@ pub struct AuditConfig {
     /// Seconds between HSM-signed checkpoints over the chain head (one is
     /// also signed at shutdown).
     pub checkpoint_interval_secs: u64,
-    /// How long audit entries are kept (PCI DSS 10.5.1: at least a year).
+    /// The audit retention committed to (PCI DSS 10.5.1: at least a year),
+    /// checked by the audit report. The vault never deletes audit entries.
     pub retention_days: u64,
-    /// How long idempotency records are kept.
+    /// How long idempotency records are kept (the maintenance run deletes
+    /// older ones; never less than `limits.idempotency_lease_secs`).
     pub idempotency_retention_days: u64,
 }
 

@@ -448,7 +448,7 @@ fn retention_check(cfg: &Config) -> Check {
         "PCI DSS 10.5.1, 3.2.1",
         ok,
         format!(
-            "audit entries kept {} days (at least 365 required); idempotency records {} day(s); checkpoints every {} s",
+            "audit retention {} days (at least 365 required; the vault never deletes audit entries); idempotency records {} day(s); checkpoints every {} s",
             cfg.audit.retention_days, cfg.audit.idempotency_retention_days, cfg.audit.checkpoint_interval_secs
         ),
         json!({
