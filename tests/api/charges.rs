@@ -946,3 +946,94 @@ async fn concurrent_changes_apply_once(backend: Backend, mode: CryptoMode) {
     assert_eq!(got["refunds"]["data"].as_array().unwrap().len(), 1);
 }
 matrix!(concurrent_changes_apply_once);
+
+/// Reconciliation with the sandbox: a charge of the timeout card (the
+/// sandbox withheld its approval) becomes `succeeded`; a charge left
+/// `processing`, as by a node that died during the processor call, fails
+/// with nothing charged, since the processor never received it.
+async fn sandbox_charges_are_reconciled(backend: Backend, mode: CryptoMode) {
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.reconcile_interval_secs = 1;
+        cfg.payments.reconcile_after_secs = 1;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let (cus, lost_card) = customer_with_card(&app, &m.sk, sandbox::TIMEOUT).await;
+    let ok_card = app.card(&m.sk, &cus, APPROVED).await;
+    let (s, lost) = charge(
+        &app,
+        &m.sk,
+        json!({"amount": 700, "currency": "usd", "customer": cus, "card": lost_card}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{lost}");
+    assert_eq!(lost["failure_code"], "processor_unavailable", "{lost}");
+    let (s, done) = charge(
+        &app,
+        &m.sk,
+        json!({"amount": 800, "currency": "usd", "customer": cus, "card": ok_card["id"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{done}");
+    // Put the second charge back where a dead node would have left it.
+    let stored = app
+        .storage()
+        .get_charge(&m.id, done["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut orphan = stored.clone();
+    orphan.status = "processing".to_string();
+    orphan.captured = false;
+    orphan.amount_captured = 0;
+    orphan.processor_ref = None;
+    orphan.version += 1;
+    app.storage()
+        .update_charge(
+            &orphan,
+            stored.version,
+            None,
+            &[],
+            &cardvault::storage::AuditEntry {
+                event: "test.orphan".to_string(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let (l, o) = loop {
+        let (_, l) = app
+            .get(
+                &format!("/v1/charges/{}", lost["id"].as_str().unwrap()),
+                &m.sk,
+            )
+            .await;
+        let (_, o) = app.get(&format!("/v1/charges/{}", orphan.id), &m.sk).await;
+        if l["status"] != "pending" && o["status"] != "processing" {
+            break (l, o);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "not reconciled: {l} {o}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert_eq!(l["status"], "succeeded", "{l}");
+    assert_eq!(l["captured"], true, "{l}");
+    assert!(l["failure_code"].is_null(), "{l}");
+    assert_eq!(o["status"], "failed", "{o}");
+    assert_eq!(o["failure_code"], "processor_unavailable", "{o}");
+    assert_eq!(o["amount_captured"], 0, "{o}");
+    let (_, events) = app.get("/v1/events?type=charge.failed", &m.sk).await;
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["data"]["object"]["id"] == orphan.id.as_str()),
+        "{events}"
+    );
+}
+matrix!(sandbox_charges_are_reconciled);
