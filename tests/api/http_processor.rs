@@ -67,6 +67,26 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
     (format!("http://{addr}"), state)
 }
 
+/// A vault whose `http` processor is a fresh fake processor that answers
+/// within `timeout_ms` or counts as unanswered; `tweak` adjusts the rest.
+async fn app_with_fake_processor(
+    backend: Backend,
+    mode: CryptoMode,
+    timeout_ms: u64,
+    tweak: impl FnOnce(&mut cardvault::config::Config),
+) -> (TestApp, Arc<Mutex<Fake>>) {
+    let (url, fake) = fake_processor().await;
+    let app = TestApp::spawn_with(backend, mode, |cfg| {
+        cfg.payments.processor = "http".to_string();
+        cfg.payments.http.url = url;
+        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
+        cfg.payments.http.timeout_ms = timeout_ms;
+        tweak(cfg);
+    })
+    .await;
+    (app, fake)
+}
+
 /// A Luhn-valid Visa number no other test uses.
 pub fn random_visa() -> String {
     let mut rng = rand::thread_rng();
@@ -113,14 +133,7 @@ fn authorizations(fake: &Arc<Mutex<Fake>>) -> Vec<String> {
 }
 
 async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mode: CryptoMode) {
-    let (url, fake) = fake_processor().await;
-    let app = TestApp::spawn_with(backend, mode, |cfg| {
-        cfg.payments.processor = "http".to_string();
-        cfg.payments.http.url = url.clone();
-        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
-        cfg.payments.http.timeout_ms = 1000;
-    })
-    .await;
+    let (app, fake) = app_with_fake_processor(backend, mode, 1000, |_| {}).await;
     let m = app.merchant(false).await;
     let pan = random_visa();
     let cvc = "837";
@@ -245,12 +258,7 @@ matrix!(http_processor_gets_the_card_and_nobody_else_does);
 /// once the charge is done gets the stored answer. The processor sees one
 /// authorization throughout.
 async fn cut_off_idempotent_request_finishes_and_replays(backend: Backend, mode: CryptoMode) {
-    let (url, fake) = fake_processor().await;
-    let app = TestApp::spawn_with(backend, mode, |cfg| {
-        cfg.payments.processor = "http".to_string();
-        cfg.payments.http.url = url.clone();
-        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
-        cfg.payments.http.timeout_ms = 6_000;
+    let (app, fake) = app_with_fake_processor(backend, mode, 6_000, |cfg| {
         cfg.limits.request_timeout_secs = 2;
         cfg.limits.idempotency_lease_secs = 4;
     })
@@ -329,12 +337,7 @@ matrix!(cut_off_idempotent_request_finishes_and_replays);
 /// with nothing charged. Neither is authorized again, and each change is an
 /// event.
 async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
-    let (url, fake) = fake_processor().await;
-    let app = TestApp::spawn_with(backend, mode, |cfg| {
-        cfg.payments.processor = "http".to_string();
-        cfg.payments.http.url = url.clone();
-        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
-        cfg.payments.http.timeout_ms = 300;
+    let (app, fake) = app_with_fake_processor(backend, mode, 300, |cfg| {
         cfg.payments.reconcile_interval_secs = 1;
         cfg.payments.reconcile_after_secs = 1;
     })
@@ -419,14 +422,7 @@ matrix!(lost_answers_are_reconciled);
 /// request fails (503, nothing recorded) and the possible hold is voided by
 /// the same reference.
 async fn unanswered_micro_charge_is_voided(backend: Backend, mode: CryptoMode) {
-    let (url, fake) = fake_processor().await;
-    let app = TestApp::spawn_with(backend, mode, |cfg| {
-        cfg.payments.processor = "http".to_string();
-        cfg.payments.http.url = url.clone();
-        cfg.payments.http.allowed_hosts = vec!["127.0.0.1".to_string()];
-        cfg.payments.http.timeout_ms = 300;
-    })
-    .await;
+    let (app, fake) = app_with_fake_processor(backend, mode, 300, |_| {}).await;
     let m = app.merchant(false).await;
     let cus = app.customer(&m.sk, "hold@example.com").await;
     let card = app.card(&m.sk, &cus, &random_visa()).await;
