@@ -780,8 +780,8 @@ impl Vault {
     }
 }
 
-/// How many unsettled charges one reconciliation round looks up.
-const RECONCILE_BATCH: u32 = 100;
+/// Unsettled charges read per page in a reconciliation round.
+const RECONCILE_PAGE: u32 = 100;
 
 impl Vault {
     /// Reconciliation: asks the processor what became of charges whose
@@ -795,59 +795,79 @@ impl Vault {
     /// Returns how many charges were settled.
     pub async fn reconcile_charges(&self) -> ServiceResult<u64> {
         let wait = i64::try_from(self.payments.reconcile_after_secs).unwrap_or(i64::MAX);
-        let unsettled = self
-            .storage
-            .unsettled_charges(now().saturating_sub(wait), RECONCILE_BATCH)
-            .await?;
+        let before = now().saturating_sub(wait);
+        let mut cursor = (i64::MIN, String::new());
         let mut settled = 0;
-        for mut charge in unsettled {
-            // Charges sent through another processor (the configuration
-            // changed) are only that processor's to answer for.
-            if charge.processor != self.processor.name() {
-                continue;
-            }
-            let found = match self.processor.lookup(&charge.id).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(charge = %charge.id, error = %e, "reconciliation lookup failed");
-                    continue;
-                }
-            };
-            let expected = charge.version;
-            let event_type = match found {
-                // The CVV, if any, is long gone: a CVV request becomes
-                // `provide_cvc`, which the cardholder can still answer.
-                Some(outcome) => settle(&mut charge, Ok(outcome), false),
-                None => {
-                    next_version(&mut charge);
-                    charge.status = STATUS_FAILED.to_string();
-                    charge.failure_code = Some("processor_unavailable".to_string());
-                    charge.failure_message = Some(
-                        "the processor never received the charge; nothing was charged".to_string(),
-                    );
-                    "charge.failed"
-                }
-            };
-            let event = self.charge_event_with_link(&charge, event_type).await;
-            let detail = format!("status={}", charge.status);
-            let mut audit = super::audit::system_entry(
-                "charge.reconcile",
-                Some(&charge.id),
-                "success",
-                Some(&detail),
-            );
-            audit.merchant_id = Some(charge.merchant_id.clone());
-            match self
+        // Page through all of them, so that charges whose lookups keep
+        // failing cannot crowd out the others. Charges sent through another
+        // processor (the configuration changed) are only that processor's
+        // to answer for.
+        loop {
+            let page = self
                 .storage
-                .update_charge(&charge, expected, None, &[event], &audit)
-                .await
-            {
-                Ok(()) => settled += 1,
-                // Another node, or the merchant (a cancel), got there first.
-                Err(StorageError::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
+                .unsettled_charges(
+                    self.processor.name(),
+                    before,
+                    (cursor.0, &cursor.1),
+                    RECONCILE_PAGE,
+                )
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(settled);
+            };
+            cursor = (last.updated_at, last.id.clone());
+            let full = page.len() == RECONCILE_PAGE as usize;
+            for charge in page {
+                settled += u64::from(self.reconcile_charge(charge).await?);
+            }
+            if !full {
+                return Ok(settled);
             }
         }
-        Ok(settled)
+    }
+
+    /// Looks one charge up and stores its outcome; whether it was stored.
+    async fn reconcile_charge(&self, mut charge: ChargeRecord) -> ServiceResult<bool> {
+        let found = match self.processor.lookup(&charge.id).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(charge = %charge.id, error = %e, "reconciliation lookup failed");
+                return Ok(false);
+            }
+        };
+        let expected = charge.version;
+        let event_type = match found {
+            // The CVV, if any, is long gone: a CVV request becomes
+            // `provide_cvc`, which the cardholder can still answer.
+            Some(outcome) => settle(&mut charge, Ok(outcome), false),
+            None => {
+                next_version(&mut charge);
+                charge.status = STATUS_FAILED.to_string();
+                charge.failure_code = Some("processor_unavailable".to_string());
+                charge.failure_message = Some(
+                    "the processor never received the charge; nothing was charged".to_string(),
+                );
+                "charge.failed"
+            }
+        };
+        let event = self.charge_event_with_link(&charge, event_type).await;
+        let detail = format!("status={}", charge.status);
+        let mut audit = super::audit::system_entry(
+            "charge.reconcile",
+            Some(&charge.id),
+            "success",
+            Some(&detail),
+        );
+        audit.merchant_id = Some(charge.merchant_id.clone());
+        match self
+            .storage
+            .update_charge(&charge, expected, None, &[event], &audit)
+            .await
+        {
+            Ok(()) => Ok(true),
+            // Another node, or the merchant (a cancel), got there first.
+            Err(StorageError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }

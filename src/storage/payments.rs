@@ -215,10 +215,18 @@ pub trait ChargeStore: Send + Sync {
         audit: &AuditEntry,
     ) -> StorageResult<()>;
     async fn get_charge(&self, merchant_id: &str, id: &str) -> StorageResult<Option<ChargeRecord>>;
-    /// Charges of every merchant whose processor outcome is unknown and
-    /// that last changed before `before`: `processing`, or `pending` with
-    /// `processor_unavailable`. Oldest change first.
-    async fn unsettled_charges(&self, before: i64, limit: u32) -> StorageResult<Vec<ChargeRecord>>;
+    /// Charges of every merchant sent through `processor` whose outcome is
+    /// unknown and that last changed before `before`: `processing`, or
+    /// `pending` with `processor_unavailable`. In (`updated_at`, `id`)
+    /// order, after the cursor `after` (the last charge of the previous
+    /// page; `(i64::MIN, "")` to start).
+    async fn unsettled_charges(
+        &self,
+        processor: &str,
+        before: i64,
+        after: (i64, &str),
+        limit: u32,
+    ) -> StorageResult<Vec<ChargeRecord>>;
     /// Newest first; `starting_after` is a charge id of this merchant.
     async fn list_charges(
         &self,

@@ -665,7 +665,9 @@ macro_rules! impl_payment_stores {
 
             async fn unsettled_charges(
                 &self,
+                processor: &str,
                 before: i64,
+                after: (i64, &str),
                 limit: u32,
             ) -> StorageResult<Vec<ChargeRecord>> {
                 // The first condition is the predicate of the partial index
@@ -676,10 +678,16 @@ macro_rules! impl_payment_stores {
                     charge_columns!(),
                     " FROM charges WHERE status IN ('processing', 'pending') \
                      AND updated_at < ? \
+                     AND (updated_at > ? OR (updated_at = ? AND id > ?)) \
                      AND (status = 'processing' OR failure_code = 'processor_unavailable') \
-                     ORDER BY updated_at LIMIT ?"
+                     AND processor = ? \
+                     ORDER BY updated_at, id LIMIT ?"
                 )))
                 .bind(before)
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(processor)
                 .bind(i64::from(limit))
                 .fetch_all(self.pool())
                 .await

@@ -1119,13 +1119,18 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
     lost.failure_code = Some("processor_unavailable".to_string());
     let mut awaiting_cvc = at("mer_a", "ch_cvc", "pending", 150);
     awaiting_cvc.next_action = Some("provide_cvc".to_string());
+    let mut elsewhere = at("mer_a", "ch_http", "processing", 120);
+    elsewhere.processor = "http".to_string();
     for c in [
         at("mer_a", "ch_stuck", "processing", 100),
         lost.clone(),
         awaiting_cvc,
+        elsewhere,
         at("mer_a", "ch_done", "succeeded", 50),
         at("mer_a", "ch_recent", "processing", 1_000),
         at("mer_b", "ch_other", "processing", 300),
+        // Same time as ch_other: the id breaks the tie.
+        at("mer_a", "ch_other2", "processing", 300),
     ] {
         s.insert_charge(
             &c,
@@ -1135,19 +1140,38 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
         .await
         .unwrap();
     }
-    let ids = |v: Vec<ChargeRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let page = |after: (i64, &'static str), limit: u32| async move {
+        s.unsettled_charges("sandbox", 500, after, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    let start = (i64::MIN, "");
     assert_eq!(
-        ids(s.unsettled_charges(500, 10).await.unwrap()),
-        ["ch_stuck", "ch_lost", "ch_other"]
+        page(start, 10).await,
+        ["ch_stuck", "ch_lost", "ch_other", "ch_other2"]
     );
+    // Paging by (updated_at, id).
+    assert_eq!(page(start, 2).await, ["ch_stuck", "ch_lost"]);
+    assert_eq!(page((200, "ch_lost"), 1).await, ["ch_other"]);
+    assert_eq!(page((300, "ch_other"), 10).await, ["ch_other2"]);
+    assert_eq!(page((300, "ch_other2"), 10).await, Vec::<String>::new());
     assert_eq!(
-        ids(s.unsettled_charges(500, 2).await.unwrap()),
-        ["ch_stuck", "ch_lost"]
+        s.unsettled_charges("http", 500, start, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        ["ch_http"]
     );
-    assert_eq!(
-        ids(s.unsettled_charges(100, 10).await.unwrap()),
-        Vec::<String>::new()
-    );
+    assert!(s
+        .unsettled_charges("sandbox", 100, start, 10)
+        .await
+        .unwrap()
+        .is_empty());
     // Settled, it is no longer found.
     let mut settled = lost.clone();
     settled.status = "succeeded".to_string();
@@ -1162,10 +1186,7 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
     )
     .await
     .unwrap();
-    assert_eq!(
-        ids(s.unsettled_charges(500, 10).await.unwrap()),
-        ["ch_stuck", "ch_other"]
-    );
+    assert_eq!(page(start, 10).await, ["ch_stuck", "ch_other", "ch_other2"]);
 }
 
 async fn batched_charge_writes_check_versions_per_row(s: &dyn Storage) {
