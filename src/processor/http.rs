@@ -11,7 +11,9 @@
 //!   reconciled, never sent again blindly.
 //!
 //! Wire protocol (`POST {url}/authorize|capture|refund|void|lookup`, header
-//! `Idempotency-Key: <reference>`): the answer to authorize is
+//! `Idempotency-Key`: the charge id for authorize and lookup, `<charge
+//! id>/capture` and `<charge id>/void`, the refund id for a refund, and the
+//! same as `"operation"` in their bodies): the answer to authorize is
 //! `{"status": "approved"|"declined"|"cvc_required", "reference", "code",
 //! "message"}`; lookup (`{"reference"}`, for reconciliation) answers the
 //! same, or `{"status": "not_found"}` when the processor never received
@@ -126,14 +128,16 @@ impl HttpProcessor {
         &self,
         op: &str,
         reference: &str,
+        key: &str,
         amount: Option<Money>,
     ) -> ProcessorResult<()> {
         let body = serde_json::json!({
             "reference": reference,
+            "operation": key,
             "amount": amount.map(Money::minor),
             "currency": amount.map(|m| m.currency().code()),
         });
-        self.post(op, reference, body.to_string().into_bytes())
+        self.post(op, key, body.to_string().into_bytes())
             .await
             .map(|_| ())
     }
@@ -188,16 +192,16 @@ impl Processor for HttpProcessor {
         }
     }
 
-    async fn capture(&self, reference: &str, amount: Money) -> ProcessorResult<()> {
-        self.simple("capture", reference, Some(amount)).await
+    async fn capture(&self, reference: &str, key: &str, amount: Money) -> ProcessorResult<()> {
+        self.simple("capture", reference, key, Some(amount)).await
     }
 
-    async fn refund(&self, reference: &str, amount: Money) -> ProcessorResult<()> {
-        self.simple("refund", reference, Some(amount)).await
+    async fn refund(&self, reference: &str, key: &str, amount: Money) -> ProcessorResult<()> {
+        self.simple("refund", reference, key, Some(amount)).await
     }
 
-    async fn void(&self, reference: &str) -> ProcessorResult<()> {
-        self.simple("void", reference, None).await
+    async fn void(&self, reference: &str, key: &str) -> ProcessorResult<()> {
+        self.simple("void", reference, key, None).await
     }
 
     async fn lookup(&self, reference: &str) -> ProcessorResult<Option<AuthOutcome>> {

@@ -74,9 +74,13 @@ pub trait Processor: Send + Sync {
     /// `sandbox`, `http`, … (stored with each charge).
     fn name(&self) -> &'static str;
     async fn authorize(&self, req: &AuthorizeRequest<'_>) -> ProcessorResult<AuthOutcome>;
-    async fn capture(&self, reference: &str, amount: Money) -> ProcessorResult<()>;
-    async fn refund(&self, reference: &str, amount: Money) -> ProcessorResult<()>;
-    async fn void(&self, reference: &str) -> ProcessorResult<()>;
+    // `reference` is the processor's reference of the authorization;
+    // `key` names this one operation (the processor's idempotency key): a
+    // retry of the same operation repeats it, another operation on the same
+    // authorization (a second partial refund) never does.
+    async fn capture(&self, reference: &str, key: &str, amount: Money) -> ProcessorResult<()>;
+    async fn refund(&self, reference: &str, key: &str, amount: Money) -> ProcessorResult<()>;
+    async fn void(&self, reference: &str, key: &str) -> ProcessorResult<()>;
     /// What became of the authorization sent with `reference` whose answer
     /// was lost (reconciliation): its outcome, or `None` when the processor
     /// never received it. `Unknown` when it cannot tell yet.

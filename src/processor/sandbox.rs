@@ -88,15 +88,15 @@ impl Processor for SandboxProcessor {
         Ok(outcome)
     }
 
-    async fn capture(&self, _reference: &str, _amount: Money) -> ProcessorResult<()> {
+    async fn capture(&self, _reference: &str, _key: &str, _amount: Money) -> ProcessorResult<()> {
         Ok(())
     }
 
-    async fn refund(&self, _reference: &str, _amount: Money) -> ProcessorResult<()> {
+    async fn refund(&self, _reference: &str, _key: &str, _amount: Money) -> ProcessorResult<()> {
         Ok(())
     }
 
-    async fn void(&self, _reference: &str) -> ProcessorResult<()> {
+    async fn void(&self, _reference: &str, _key: &str) -> ProcessorResult<()> {
         Ok(())
     }
 

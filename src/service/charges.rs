@@ -643,7 +643,7 @@ impl Vault {
             .await?;
         let reference = charge.processor_ref.clone().unwrap_or_default();
         self.processor
-            .capture(&reference, money)
+            .capture(&reference, &format!("{}/capture", charge.id), money)
             .await
             .map_err(processor_unavailable)?;
         let expected = charge.version;
@@ -701,8 +701,10 @@ impl Vault {
         self.claim_charge(ctx, &mut charge, "charge.refund", false)
             .await?;
         let reference = charge.processor_ref.clone().unwrap_or_default();
+        // Named before the call: each refund is its own processor operation.
+        let refund_id = new_id("re");
         self.processor
-            .refund(&reference, money)
+            .refund(&reference, &refund_id, money)
             .await
             .map_err(processor_unavailable)?;
         let expected = charge.version;
@@ -710,7 +712,7 @@ impl Vault {
         charge.updated_at = now();
         charge.amount_refunded += amount;
         let refund = RefundRecord {
-            id: new_id("re"),
+            id: refund_id,
             merchant_id: charge.merchant_id.clone(),
             charge_id: charge.id.clone(),
             amount,
@@ -745,7 +747,7 @@ impl Vault {
         if charge.status == STATUS_SUCCEEDED {
             let reference = charge.processor_ref.clone().unwrap_or_default();
             self.processor
-                .void(&reference)
+                .void(&reference, &format!("{}/void", charge.id))
                 .await
                 .map_err(processor_unavailable)?;
         } else if !awaiting_cvc {

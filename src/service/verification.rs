@@ -102,7 +102,11 @@ impl Vault {
                 match outcome {
                     AuthOutcome::Approved { reference } => {
                         // Only the statement line is needed: release the hold.
-                        if let Err(e) = self.processor.void(&reference).await {
+                        if let Err(e) = self
+                            .processor
+                            .void(&reference, &format!("{}/void", v.id))
+                            .await
+                        {
                             tracing::warn!(verification = %v.id, error = %e, "could not void micro-charge");
                         }
                         v.amount_sealed = Some(
@@ -218,7 +222,11 @@ impl Vault {
                 // reference (a no-op for the processor if it never got
                 // it); the request still fails, nothing is recorded.
                 if amount.is_some() {
-                    if let Err(e) = self.processor.void(reference).await {
+                    if let Err(e) = self
+                        .processor
+                        .void(reference, &format!("{reference}/void"))
+                        .await
+                    {
                         tracing::warn!(verification = %reference, error = %e, "could not void a micro-charge of unknown outcome");
                     }
                 }

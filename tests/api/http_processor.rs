@@ -23,6 +23,8 @@ struct Fake {
     found: std::collections::HashMap<String, Value>,
     /// (path, body) of every request.
     requests: Vec<(String, String)>,
+    /// (path, Idempotency-Key) of every request.
+    keys: Vec<(String, String)>,
 }
 
 async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
@@ -31,12 +33,20 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
     let app = axum::Router::new().route(
         "/{op}",
         axum::routing::post(
-            move |axum::extract::Path(op): axum::extract::Path<String>, body: String| {
+            move |axum::extract::Path(op): axum::extract::Path<String>,
+                  headers: axum::http::HeaderMap,
+                  body: String| {
                 let state = Arc::clone(&s);
                 async move {
                     let (hang, found) = {
                         let mut st = state.lock().unwrap();
                         st.requests.push((op.clone(), body.clone()));
+                        let key = headers
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        st.keys.push((op.clone(), key));
                         let reference = serde_json::from_str::<Value>(&body)
                             .ok()
                             .and_then(|v| v["reference"].as_str().map(str::to_string))
@@ -181,6 +191,33 @@ async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mod
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{r}");
+    let (s, r2) = app
+        .post(
+            &format!("/v1/charges/{id}/refunds"),
+            &m.sk,
+            json!({"amount": 200}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r2}");
+    // Each processor operation has its own idempotency key: two partial
+    // refunds of one charge must not look like one refund sent twice.
+    let keys = fake.lock().unwrap().keys.clone();
+    let key_of = |op: &str| -> Vec<String> {
+        keys.iter()
+            .filter(|(o, _)| o == op)
+            .map(|(_, k)| k.clone())
+            .collect()
+    };
+    assert_eq!(key_of("authorize"), [id.as_str()]);
+    assert_eq!(key_of("capture"), [format!("{id}/capture")]);
+    assert_eq!(
+        key_of("refund"),
+        [
+            r["id"].as_str().unwrap().to_string(),
+            r2["id"].as_str().unwrap().to_string()
+        ]
+    );
+    assert_ne!(r["id"], r2["id"]);
 
     // A processor that hangs: the charge is pending (outcome unknown), and
     // retrying with the same idempotency key does not authorize again.
