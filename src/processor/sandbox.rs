@@ -116,9 +116,14 @@ mod tests {
     use crate::domain::{Currency, Pan};
     use crate::processor::PaymentCard;
 
-    async fn run(number: &str, cvc: Option<&str>) -> ProcessorResult<AuthOutcome> {
+    async fn run_on(
+        sandbox: &SandboxProcessor,
+        number: &str,
+        cvc: Option<&str>,
+        reference: &str,
+    ) -> ProcessorResult<AuthOutcome> {
         let pan = Pan::parse(number).unwrap();
-        SandboxProcessor::default()
+        sandbox
             .authorize(&AuthorizeRequest {
                 card: PaymentCard {
                     pan: &pan,
@@ -130,9 +135,13 @@ mod tests {
                 amount: Some(Money::new(1000, Currency::Usd).unwrap()),
                 capture: true,
                 stored_credential: true,
-                reference: "ch_test",
+                reference,
             })
             .await
+    }
+
+    async fn run(number: &str, cvc: Option<&str>) -> ProcessorResult<AuthOutcome> {
+        run_on(&SandboxProcessor::default(), number, cvc, "ch_test").await
     }
 
     #[tokio::test]
@@ -173,22 +182,7 @@ mod tests {
     #[tokio::test]
     async fn a_withheld_answer_is_found_by_lookup() {
         let sandbox = SandboxProcessor::default();
-        let pan = Pan::parse(TIMEOUT).unwrap();
-        let lost = sandbox
-            .authorize(&AuthorizeRequest {
-                card: PaymentCard {
-                    pan: &pan,
-                    exp_month: 12,
-                    exp_year: 2031,
-                    holder_name: None,
-                    cvc: None,
-                },
-                amount: Some(Money::new(1000, Currency::Usd).unwrap()),
-                capture: true,
-                stored_credential: true,
-                reference: "ch_lost",
-            })
-            .await;
+        let lost = run_on(&sandbox, TIMEOUT, None, "ch_lost").await;
         assert!(matches!(lost, Err(ProcessorError::Unknown(_))));
         assert!(matches!(
             sandbox.lookup("ch_lost").await,
