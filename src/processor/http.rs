@@ -5,10 +5,12 @@
 //!   are JSON-escaped, and the filled body lives only in zeroizing memory.
 //! - The URL's host must be on `allowed_hosts`; https, or http to loopback.
 //!   Redirects are not followed.
-//! - Nothing is retried. A request that may have reached the processor and
-//!   got no clear answer (timeout, 5xx, broken connection) is an *unknown
-//!   outcome*: the charge stays `pending` (`processor_unavailable`) and is
-//!   reconciled, never sent again blindly.
+//! - Nothing is retried here. A request that may have reached the processor
+//!   and got no clear answer (timeout, 5xx, broken connection) is an
+//!   *unknown outcome*: the charge stays `pending` (`processor_unavailable`)
+//!   and is reconciled by lookup, never authorized again; a refund stays
+//!   `pending` and reconciliation sends it again under the same
+//!   `Idempotency-Key`, which the processor must honour on `/refund`.
 //!
 //! Wire protocol (`POST {url}/authorize|capture|refund|void|lookup`, header
 //! `Idempotency-Key`: the charge id for authorize and lookup, `<charge

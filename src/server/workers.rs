@@ -53,6 +53,11 @@ impl Workers {
                         Ok(n) => tracing::info!(settled = n, "charges reconciled"),
                         Err(e) => tracing::warn!(error = %e, "charge reconciliation failed"),
                     }
+                    match vault.reconcile_refunds().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(settled = n, "refunds reconciled"),
+                        Err(e) => tracing::warn!(error = %e, "refund reconciliation failed"),
+                    }
                 }
             })
         };

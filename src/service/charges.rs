@@ -18,7 +18,8 @@ use crate::crypto::KeyOwner;
 use crate::domain::{contains_pan_like, new_id, Currency, Money, Pan};
 use crate::processor::{AuthOutcome, AuthorizeRequest, PaymentCard, ProcessorError};
 use crate::storage::{
-    CardRecord, ChargeRecord, EventRecord, LineItem, Metadata, Page, RefundRecord, StorageError,
+    AuditEntry, CardRecord, ChargeRecord, EventRecord, LineItem, Metadata, Page, RefundRecord,
+    StorageError,
 };
 
 /// A new version of the charge, cleared of the previous outcome's details.
@@ -489,6 +490,20 @@ impl Vault {
         event: &str,
         processing: bool,
     ) -> ServiceResult<()> {
+        self.claim_charge_with(ctx, charge, event, processing, None)
+            .await
+    }
+
+    /// `claim_charge`, storing `refund` (a new `pending` refund) with the
+    /// claim.
+    async fn claim_charge_with(
+        &self,
+        ctx: &Context,
+        charge: &mut ChargeRecord,
+        event: &str,
+        processing: bool,
+        refund: Option<&RefundRecord>,
+    ) -> ServiceResult<()> {
         let expected = charge.version;
         let mut claimed = charge.clone();
         claimed.version += 1;
@@ -496,9 +511,12 @@ impl Vault {
         if processing {
             claimed.status = STATUS_PROCESSING.to_string();
         }
-        let audit = ctx.audit(event, Some(&charge.id), "attempt");
+        let mut audit = ctx.audit(event, Some(&charge.id), "attempt");
+        if let Some(r) = refund {
+            audit.detail = Some(format!("amount={} refund={}", r.amount, r.id));
+        }
         self.storage
-            .update_charge(&claimed, expected, None, &[], &audit)
+            .update_charge(&claimed, expected, refund, &[], &audit)
             .await
             .map_err(|e| self.state_conflict(e))?;
         *charge = claimed;
@@ -661,7 +679,17 @@ impl Vault {
         Ok(charge)
     }
 
-    /// Refunds part or all of what was captured and not yet refunded.
+    /// Refunds part or all of what was captured and not yet refunded (nor
+    /// held by a `pending` refund).
+    ///
+    /// The refund is stored `pending` with the claim, before the processor
+    /// is called, and its id is the processor's idempotency key. When the
+    /// answer is lost, the refund is returned as it stands, `pending`, like
+    /// a charge whose answer was lost: the request did its part, so a retry
+    /// with the same `Idempotency-Key` replays it instead of refunding
+    /// again. Reconciliation later sends it again under the same id (so the
+    /// processor makes it at most once) and stores the outcome, with its
+    /// event. Until then its amount cannot be refunded a second time.
     pub async fn refund_charge(
         &self,
         ctx: &Context,
@@ -675,12 +703,33 @@ impl Vault {
                 "only a captured charge can be refunded; cancel an uncaptured one",
             ));
         }
-        let remaining = charge.amount_captured - charge.amount_refunded;
+        // The charge's version covers its refunds too (every refund is
+        // stored with a new version), so what is read here is what the
+        // claim below checks.
+        let held: i64 = self
+            .storage
+            .list_refunds(ctx.merchant_id(), &charge.id)
+            .await?
+            .iter()
+            .filter(|r| r.status == STATUS_PENDING)
+            .map(|r| r.amount)
+            .sum();
+        let remaining = charge.amount_captured - charge.amount_refunded - held;
         if remaining <= 0 {
-            return Err(ServiceError::invalid_state(
-                "charge_already_refunded",
-                "this charge is fully refunded",
-            ));
+            return Err(if held > 0 {
+                ServiceError::invalid_state(
+                    "refund_pending",
+                    format!(
+                        "what remains of this charge is held by pending refunds ({held}); \
+                         their outcome comes as an event"
+                    ),
+                )
+            } else {
+                ServiceError::invalid_state(
+                    "charge_already_refunded",
+                    "this charge is fully refunded",
+                )
+            });
         }
         let amount = amount.unwrap_or(remaining);
         if amount <= 0 {
@@ -691,42 +740,95 @@ impl Vault {
             ));
         }
         if amount > remaining {
+            let pending = if held > 0 {
+                format!(" ({held} more is held by pending refunds)")
+            } else {
+                String::new()
+            };
             return Err(ServiceError::invalid(
                 "amount",
                 "refund_exceeds_captured",
-                format!("at most {remaining} can still be refunded"),
+                format!("at most {remaining} can still be refunded{pending}"),
             ));
         }
         let money = charge_money(&charge, amount)?;
-        self.claim_charge(ctx, &mut charge, "charge.refund", false)
-            .await?;
-        let reference = charge.processor_ref.clone().unwrap_or_default();
-        // Named before the call: each refund is its own processor operation.
-        let refund_id = new_id("re");
-        self.processor
-            .refund(&reference, &refund_id, money)
-            .await
-            .map_err(processor_unavailable)?;
-        let expected = charge.version;
-        charge.version += 1;
-        charge.updated_at = now();
-        charge.amount_refunded += amount;
         let refund = RefundRecord {
-            id: refund_id,
+            id: new_id("re"),
             merchant_id: charge.merchant_id.clone(),
             charge_id: charge.id.clone(),
             amount,
-            status: STATUS_SUCCEEDED.to_string(),
-            created_at: charge.updated_at,
+            status: STATUS_PENDING.to_string(),
+            created_at: now(),
         };
-        let event = self.charge_event(&charge, "charge.refunded");
-        let mut audit = ctx.audit("charge.refund", Some(&charge.id), "success");
-        audit.detail = Some(format!("amount={amount} refund={}", refund.id));
+        self.claim_charge_with(ctx, &mut charge, "charge.refund", false, Some(&refund))
+            .await?;
+        let reference = charge.processor_ref.clone().unwrap_or_default();
+        let result = self.processor.refund(&reference, &refund.id, money).await;
+        let audit = ctx.audit("charge.refund", Some(&charge.id), "success");
+        self.finish_refund(charge, refund, result, audit).await
+    }
+
+    /// Stores the processor's answer to a `pending` refund with its event
+    /// and `audit` entry (whose outcome and detail are filled in here): done
+    /// (`charge.refunded`), or refused (the refund fails, nothing was
+    /// refunded: `charge.refund_failed`, and the error `refund_failed`).
+    /// An unknown outcome stores nothing and returns the refund still
+    /// `pending`.
+    async fn finish_refund(
+        &self,
+        mut charge: ChargeRecord,
+        mut refund: RefundRecord,
+        result: Result<(), ProcessorError>,
+        mut audit: AuditEntry,
+    ) -> ServiceResult<(ChargeRecord, RefundRecord)> {
+        let refused = match result {
+            Ok(()) => None,
+            Err(ProcessorError::Failed(cause)) => Some(cause),
+            Err(ProcessorError::Unknown(cause)) => {
+                tracing::warn!(refund = %refund.id, %cause, "refund outcome unknown; left pending");
+                return Ok((charge, refund));
+            }
+        };
+        let expected = charge.version;
+        next_version(&mut charge);
+        let event = match &refused {
+            None => {
+                charge.amount_refunded += refund.amount;
+                refund.status = STATUS_SUCCEEDED.to_string();
+                audit.detail = Some(format!("amount={} refund={}", refund.amount, refund.id));
+                self.charge_event(&charge, "charge.refunded")
+            }
+            Some(cause) => {
+                refund.status = STATUS_FAILED.to_string();
+                audit.outcome = "failure".to_string();
+                audit.detail = Some(format!(
+                    "amount={} refund={} refused: {cause}",
+                    refund.amount, refund.id
+                ));
+                new_event(
+                    &charge.merchant_id,
+                    "charge.refund_failed",
+                    &refund_object(&refund),
+                )
+            }
+        };
         self.storage
             .update_charge(&charge, expected, Some(&refund), &[event], &audit)
             .await
             .map_err(|e| self.state_conflict(e))?;
-        Ok((charge, refund))
+        match refused {
+            None => Ok((charge, refund)),
+            Some(cause) => {
+                tracing::warn!(refund = %refund.id, %cause, "the processor refused a refund");
+                Err(ServiceError::invalid_state(
+                    "refund_failed",
+                    format!(
+                        "the processor refused refund {}; nothing was refunded",
+                        refund.id
+                    ),
+                ))
+            }
+        }
     }
 
     /// Voids an uncaptured authorization, or abandons a charge waiting for
@@ -782,8 +884,40 @@ impl Vault {
     }
 }
 
-/// Unsettled charges read per page in a reconciliation round.
+/// Unsettled charges (or pending refunds) read per page in a
+/// reconciliation round.
 const RECONCILE_PAGE: u32 = 100;
+
+/// Runs `settle` on every object `fetch` pages through, in the order of
+/// `cursor` (the page's last object's cursor fetches the next page), so
+/// that objects whose processor calls keep failing cannot crowd out the
+/// others. Returns how many `settle` stored.
+async fn reconcile_pages<T, Page, Settled>(
+    fetch: impl Fn((i64, String)) -> Page,
+    cursor: impl Fn(&T) -> (i64, String),
+    settle: impl Fn(T) -> Settled,
+) -> ServiceResult<u64>
+where
+    Page: std::future::Future<Output = crate::storage::StorageResult<Vec<T>>>,
+    Settled: std::future::Future<Output = ServiceResult<bool>>,
+{
+    let mut after = (i64::MIN, String::new());
+    let mut settled = 0;
+    loop {
+        let page = fetch(after).await?;
+        let Some(last) = page.last() else {
+            return Ok(settled);
+        };
+        after = cursor(last);
+        let full = page.len() == RECONCILE_PAGE as usize;
+        for object in page {
+            settled += u64::from(settle(object).await?);
+        }
+        if !full {
+            return Ok(settled);
+        }
+    }
+}
 
 impl Vault {
     /// Reconciliation: asks the processor what became of charges whose
@@ -796,35 +930,82 @@ impl Vault {
     /// on every node: the charge's version decides which node stores it.
     /// Returns how many charges were settled.
     pub async fn reconcile_charges(&self) -> ServiceResult<u64> {
+        let before = self.reconcile_cut();
+        // Charges sent through another processor (the configuration
+        // changed) are only that processor's to answer for.
+        let processor = self.processor.name();
+        reconcile_pages(
+            |after: (i64, String)| async move {
+                self.storage
+                    .unsettled_charges(processor, before, (after.0, &after.1), RECONCILE_PAGE)
+                    .await
+            },
+            |c: &ChargeRecord| (c.updated_at, c.id.clone()),
+            |c| self.reconcile_charge(c),
+        )
+        .await
+    }
+
+    /// Reconciliation of refunds still `pending` past
+    /// `payments.reconcile_after_secs` (their answer was lost, or their node
+    /// stopped during the call, and nobody retried them): each is sent
+    /// again under its own id, which the processor takes as its
+    /// idempotency key, so it is made at most once, and its outcome is
+    /// stored. Returns how many refunds were settled.
+    pub async fn reconcile_refunds(&self) -> ServiceResult<u64> {
+        let before = self.reconcile_cut();
+        let processor = self.processor.name();
+        reconcile_pages(
+            |after: (i64, String)| async move {
+                self.storage
+                    .pending_refunds(processor, before, (after.0, &after.1), RECONCILE_PAGE)
+                    .await
+            },
+            |r: &RefundRecord| (r.created_at, r.id.clone()),
+            |r| self.reconcile_refund(r),
+        )
+        .await
+    }
+
+    /// Objects whose last change is older than this are reconciled.
+    fn reconcile_cut(&self) -> i64 {
         let wait = i64::try_from(self.payments.reconcile_after_secs).unwrap_or(i64::MAX);
-        let before = now().saturating_sub(wait);
-        let mut cursor = (i64::MIN, String::new());
-        let mut settled = 0;
-        // Page through all of them, so that charges whose lookups keep
-        // failing cannot crowd out the others. Charges sent through another
-        // processor (the configuration changed) are only that processor's
-        // to answer for.
-        loop {
-            let page = self
-                .storage
-                .unsettled_charges(
-                    self.processor.name(),
-                    before,
-                    (cursor.0, &cursor.1),
-                    RECONCILE_PAGE,
-                )
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(settled);
-            };
-            cursor = (last.updated_at, last.id.clone());
-            let full = page.len() == RECONCILE_PAGE as usize;
-            for charge in page {
-                settled += u64::from(self.reconcile_charge(charge).await?);
-            }
-            if !full {
-                return Ok(settled);
-            }
+        now().saturating_sub(wait)
+    }
+
+    /// Sends one pending refund again and stores its outcome; whether it
+    /// was stored.
+    async fn reconcile_refund(&self, refund: RefundRecord) -> ServiceResult<bool> {
+        let Some(charge) = self
+            .storage
+            .get_charge(&refund.merchant_id, &refund.charge_id)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let money = charge_money(&charge, refund.amount)?;
+        let reference = charge.processor_ref.clone().unwrap_or_default();
+        let result = self.processor.refund(&reference, &refund.id, money).await;
+        let mut audit = super::audit::system_entry(
+            "charge.refund.reconcile",
+            Some(&charge.id),
+            "success",
+            None,
+        );
+        audit.merchant_id = Some(charge.merchant_id.clone());
+        match self.finish_refund(charge, refund, result, audit).await {
+            Ok((_, r)) => Ok(r.status != STATUS_PENDING),
+            Err(ServiceError::InvalidState {
+                code: "refund_failed",
+                ..
+            }) => Ok(true),
+            // Another node, or a refund of the same charge, changed the
+            // charge meanwhile: the next round sends it again.
+            Err(ServiceError::InvalidState {
+                code: "charge_changed",
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 

@@ -31,6 +31,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "charge.pending",
     "charge.captured",
     "charge.refunded",
+    "charge.refund_failed",
     "charge.canceled",
     "card.verified",
     "card.verification_failed",

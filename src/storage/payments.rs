@@ -205,7 +205,8 @@ pub trait ChargeStore: Send + Sync {
     ) -> StorageResult<()>;
     /// Replaces the charge's mutable fields if its version is still
     /// `expected_version` (the stored version becomes `charge.version`);
-    /// `Conflict` otherwise. Inserts `refund` when given.
+    /// `Conflict` otherwise. Stores `refund` when given: a new refund, or
+    /// the outcome of one still `pending` (its status is all that changes).
     async fn update_charge(
         &self,
         charge: &ChargeRecord,
@@ -235,6 +236,19 @@ pub trait ChargeStore: Send + Sync {
         limit: u32,
         starting_after: Option<&str>,
     ) -> StorageResult<Page<ChargeRecord>>;
+    /// Refunds of every merchant whose charge went through `processor`,
+    /// still `pending` (the processor's answer was lost, or the node
+    /// stopped during the call) and created before `before`. In
+    /// (`created_at`, `id`) order, after the cursor `after`
+    /// (`(i64::MIN, "")` to start).
+    async fn pending_refunds(
+        &self,
+        processor: &str,
+        before: i64,
+        after: (i64, &str),
+        limit: u32,
+    ) -> StorageResult<Vec<RefundRecord>>;
+    /// Oldest first.
     async fn list_refunds(
         &self,
         merchant_id: &str,

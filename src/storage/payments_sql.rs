@@ -626,7 +626,9 @@ macro_rules! impl_payment_stores {
                 <$storage>::update_one_charge(&mut *batch.tx, &c, expected_version).await?;
                 sqlx::query(&$q(
                     "INSERT INTO refunds (id, merchant_id, charge_id, amount, status, \
-                     created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     created_at) VALUES (?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status \
+                     WHERE refunds.status = 'pending'",
                 ))
                 .bind(&r.id)
                 .bind(&r.merchant_id)
@@ -733,6 +735,35 @@ macro_rules! impl_payment_stores {
                     .map(ChargeRecord::try_from)
                     .collect::<StorageResult<Vec<_>>>()?;
                 Ok(into_page(rows, limit))
+            }
+
+            async fn pending_refunds(
+                &self,
+                processor: &str,
+                before: i64,
+                after: (i64, &str),
+                limit: u32,
+            ) -> StorageResult<Vec<RefundRecord>> {
+                // `r.status = 'pending'` is the predicate of the partial
+                // index `refunds_pending`.
+                let rows: Vec<RefundRow> = sqlx::query_as(&$q(
+                    "SELECT r.id, r.merchant_id, r.charge_id, r.amount, r.status, r.created_at \
+                     FROM refunds r JOIN charges c ON c.id = r.charge_id \
+                     WHERE r.status = 'pending' AND r.created_at < ? \
+                     AND (r.created_at > ? OR (r.created_at = ? AND r.id > ?)) \
+                     AND c.processor = ? \
+                     ORDER BY r.created_at, r.id LIMIT ?",
+                ))
+                .bind(before)
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(processor)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await
+                .map_err($err)?;
+                Ok(rows.into_iter().map(RefundRecord::from).collect())
             }
 
             async fn list_refunds(

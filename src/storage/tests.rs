@@ -174,6 +174,7 @@ on_both_backends!(
     mixed_batches_keep_every_write,
     batched_charge_writes_check_versions_per_row,
     unsettled_charges_are_found,
+    pending_refunds_are_found,
 );
 
 // ---------------------------------------------------------------- builders
@@ -1187,6 +1188,102 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
     .await
     .unwrap();
     assert_eq!(page(start, 10).await, ["ch_stuck", "ch_other", "ch_other2"]);
+}
+
+/// Refund reconciliation's query: `pending` refunds of every merchant
+/// created before the cut, of charges sent through the given processor,
+/// oldest first; a refund's outcome is stored over its `pending` row and
+/// never over a settled one.
+async fn pending_refunds_are_found(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    let mut charges = Vec::new();
+    for (m, id, processor) in [
+        ("mer_a", "ch_a", "sandbox"),
+        ("mer_b", "ch_b", "sandbox"),
+        ("mer_a", "ch_http", "http"),
+    ] {
+        let mut c = charge(m, id);
+        c.status = "succeeded".to_string();
+        c.captured = true;
+        c.amount_captured = c.amount;
+        c.processor = processor.to_string();
+        s.insert_charge(&c, &[], &audit("charge.create", Some(m), Some(id)))
+            .await
+            .unwrap();
+        charges.push(c);
+    }
+    // Stores `refund` with a new version of charge `i`.
+    let mut store = async |i: usize, refund: &RefundRecord| {
+        let c: &mut ChargeRecord = &mut charges[i];
+        let expected = c.version;
+        c.version += 1;
+        if refund.status == "succeeded" {
+            c.amount_refunded += refund.amount;
+        }
+        s.update_charge(
+            c,
+            expected,
+            Some(refund),
+            &[],
+            &audit("charge.refund", Some(&c.merchant_id), Some(&c.id)),
+        )
+        .await
+    };
+    let refund = |i: usize, id: &str, status: &str, created_at: i64| RefundRecord {
+        id: id.to_string(),
+        merchant_id: ["mer_a", "mer_b", "mer_a"][i].to_string(),
+        charge_id: ["ch_a", "ch_b", "ch_http"][i].to_string(),
+        amount: 10,
+        status: status.to_string(),
+        created_at,
+    };
+    for r in [
+        (0, "re_old", "pending", 100),
+        (0, "re_done", "succeeded", 50),
+        (1, "re_other", "pending", 300),
+        (0, "re_tie", "pending", 300),
+        (0, "re_recent", "pending", 1_000),
+        (2, "re_http", "pending", 120),
+        (1, "re_refused", "failed", 90),
+    ] {
+        store(r.0, &refund(r.0, r.1, r.2, r.3)).await.unwrap();
+    }
+    let page = |processor: &'static str, after: (i64, &'static str), limit: u32| async move {
+        s.pending_refunds(processor, 500, after, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    let start = (i64::MIN, "");
+    assert_eq!(
+        page("sandbox", start, 10).await,
+        ["re_old", "re_other", "re_tie"]
+    );
+    assert_eq!(page("sandbox", start, 1).await, ["re_old"]);
+    assert_eq!(page("sandbox", (100, "re_old"), 1).await, ["re_other"]);
+    assert_eq!(page("sandbox", (300, "re_other"), 5).await, ["re_tie"]);
+    assert_eq!(page("http", start, 10).await, ["re_http"]);
+
+    // Its outcome replaces the pending row; a settled refund keeps its own.
+    store(0, &refund(0, "re_old", "succeeded", 100))
+        .await
+        .unwrap();
+    store(0, &refund(0, "re_done", "failed", 50)).await.unwrap();
+    assert_eq!(page("sandbox", start, 10).await, ["re_other", "re_tie"]);
+    let listed = s.list_refunds("mer_a", "ch_a").await.unwrap();
+    let status = |id: &str| {
+        listed
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.status.clone())
+            .unwrap()
+    };
+    assert_eq!(listed.len(), 4);
+    assert_eq!(status("re_old"), "succeeded");
+    assert_eq!(status("re_done"), "succeeded");
 }
 
 async fn batched_charge_writes_check_versions_per_row(s: &dyn Storage) {

@@ -19,6 +19,10 @@ use crate::support::*;
 struct Fake {
     /// How long every authorization waits before it is answered.
     hang: Duration,
+    /// How long every refund waits before it is answered (it is made).
+    refund_hang: Duration,
+    /// Whether refunds are refused (HTTP 422).
+    refuse_refunds: bool,
     /// What a lookup of a reference answers (else `not_found`).
     found: std::collections::HashMap<String, Value>,
     /// (path, body) of every request.
@@ -38,7 +42,7 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                   body: String| {
                 let state = Arc::clone(&s);
                 async move {
-                    let (hang, found) = {
+                    let (hang, refund_hang, refuse, found) = {
                         let mut st = state.lock().unwrap();
                         st.requests.push((op.clone(), body.clone()));
                         let key = headers
@@ -51,10 +55,27 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                             .ok()
                             .and_then(|v| v["reference"].as_str().map(str::to_string))
                             .unwrap_or_default();
-                        (st.hang, st.found.get(&reference).cloned())
+                        (
+                            st.hang,
+                            st.refund_hang,
+                            st.refuse_refunds,
+                            st.found.get(&reference).cloned(),
+                        )
                     };
+                    if op == "refund" {
+                        tokio::time::sleep(refund_hang).await;
+                        if refuse {
+                            return (
+                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                                axum::Json(json!({"error": "refund window closed"})),
+                            );
+                        }
+                    }
                     if op == "lookup" {
-                        return axum::Json(found.unwrap_or(json!({"status": "not_found"})));
+                        return (
+                            axum::http::StatusCode::OK,
+                            axum::Json(found.unwrap_or(json!({"status": "not_found"}))),
+                        );
                     }
                     if op == "authorize" {
                         tokio::time::sleep(hang).await;
@@ -64,7 +85,7 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                     } else {
                         json!({"ok": true})
                     };
-                    axum::Json(answer)
+                    (axum::http::StatusCode::OK, axum::Json(answer))
                 }
             },
         ),
@@ -454,6 +475,155 @@ async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
     );
 }
 matrix!(lost_answers_are_reconciled);
+
+/// A refund whose answer was lost is answered `pending` (a retry with the
+/// same idempotency key replays it) and holds its amount; reconciliation
+/// sends it again under the same processor idempotency key and stores the
+/// outcome, so the processor makes it once. A refused refund fails with
+/// nothing refunded. Each outcome is an event.
+async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
+    let (app, fake) = app_with_fake_processor(backend, mode, 300, |cfg| {
+        cfg.payments.reconcile_interval_secs = 1;
+        cfg.payments.reconcile_after_secs = 2;
+    })
+    .await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "refunds@example.com").await;
+    app.card(&m.sk, &cus, &random_visa()).await;
+    let (s, ch) = app
+        .post(
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": 1000, "currency": "usd", "customer": cus}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ch}");
+    assert_eq!(ch["captured"], true, "{ch}");
+    let id = ch["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/charges/{id}/refunds");
+
+    // The processor makes the refund, but its answer is lost.
+    fake.lock().unwrap().refund_hang = Duration::from_secs(1);
+    let send = || {
+        app.call_with_headers(
+            Method::POST,
+            &path,
+            &m.sk,
+            json!({"amount": 600}),
+            &[("Idempotency-Key", "refund-600")],
+        )
+    };
+    let (s, lost, _) = send().await;
+    assert_eq!(s, StatusCode::CREATED, "{lost}");
+    assert_eq!(lost["status"], "pending", "{lost}");
+    let (s, again, headers) = send().await;
+    assert_eq!(s, StatusCode::CREATED, "{again}");
+    assert_eq!(again["id"], lost["id"], "the retry replays the refund");
+    assert_eq!(
+        headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    fake.lock().unwrap().refund_hang = Duration::ZERO;
+    // Its amount is held until it is settled.
+    let (s, e) = app.post(&path, &m.sk, json!({"amount": 500})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["code"], "refund_exceeds_captured", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("600 more is held by pending refunds"),
+        "{e}"
+    );
+
+    // A refused refund fails and refunds nothing.
+    fake.lock().unwrap().refuse_refunds = true;
+    let (s, e) = app.post(&path, &m.sk, json!({"amount": 100})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["error"]["code"], "refund_failed", "{e}");
+    fake.lock().unwrap().refuse_refunds = false;
+
+    let started = std::time::Instant::now();
+    let got = loop {
+        let (_, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+        if got["amount_refunded"] != 0 {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the lost refund was never reconciled: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(got["amount_refunded"], 600, "{got}");
+    let refunds = got["refunds"]["data"].as_array().unwrap();
+    let status_of = |rid: &Value| {
+        refunds
+            .iter()
+            .find(|r| r["id"] == *rid)
+            .map(|r| r["status"].as_str().unwrap().to_string())
+    };
+    assert_eq!(status_of(&lost["id"]).as_deref(), Some("succeeded"));
+    let refused = refunds
+        .iter()
+        .find(|r| r["amount"] == 100)
+        .expect("the refused refund is listed");
+    assert_eq!(refused["status"], "failed", "{got}");
+
+    // The processor was sent the lost refund twice under one key, and each
+    // refund under its own.
+    let keys: Vec<String> = fake
+        .lock()
+        .unwrap()
+        .keys
+        .iter()
+        .filter(|(op, _)| op == "refund")
+        .map(|(_, k)| k.clone())
+        .collect();
+    let lost_id = lost["id"].as_str().unwrap();
+    assert_eq!(
+        keys.iter().filter(|k| k.as_str() == lost_id).count(),
+        2,
+        "{keys:?}"
+    );
+    assert_eq!(keys.len(), 3, "{keys:?}");
+
+    let (_, events) = app.get("/v1/events?limit=100", &m.sk).await;
+    let kinds: Vec<(String, String)> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["data"]["object"]["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("charge.refunded".to_string(), id.clone())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(
+            "charge.refund_failed".to_string(),
+            refused["id"].as_str().unwrap().to_string()
+        )),
+        "{kinds:?}"
+    );
+
+    // What remains is refunded by default.
+    let (s, rest) = app.post(&path, &m.sk, json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{rest}");
+    assert_eq!(rest["status"], "succeeded", "{rest}");
+    assert_eq!(rest["amount"], 400, "{rest}");
+    let (_, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+    assert_eq!(got["amount_refunded"], 1000, "{got}");
+    assert_eq!(got["refunded"], true, "{got}");
+}
+matrix!(lost_refund_answers_are_reconciled);
 
 /// A micro-charge verification whose authorization got no answer: the
 /// request fails (503, nothing recorded) and the possible hold is voided by
