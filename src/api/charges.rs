@@ -81,23 +81,6 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<AppState> for Ma
     }
 }
 
-/// Runs a use case that calls the processor on its own task, so that a
-/// client hanging up (or the request timeout) cannot cancel it between the
-/// processor's answer and the write that records it.
-pub(crate) async fn detached<T, F>(fut: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
-{
-    match tokio::spawn(fut).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(e) => {
-            tracing::error!(error = %e, "processor task failed");
-            Err(ApiError::internal())
-        }
-    }
-}
-
 /// Pagination and filters of a list route.
 pub(crate) struct ListParams {
     pub limit: u32,
@@ -188,7 +171,9 @@ pub async fn create(
         }),
     };
     let vault = state.vault.clone();
-    let charge = detached(async move { vault.create_charge(&ctx, new).await }).await?;
+    let charge = state
+        .detach(async move { vault.create_charge(&ctx, new).await })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(state.vault.charge_json(&charge).await),
@@ -251,8 +236,9 @@ pub async fn confirm(
 ) -> Result<Json<Value>, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
     let vault = state.vault.clone();
-    let charge =
-        detached(async move { vault.confirm_charge(&ctx, &id, &body.token).await }).await?;
+    let charge = state
+        .detach(async move { vault.confirm_charge(&ctx, &id, &body.token).await })
+        .await?;
     Ok(Json(state.vault.charge_json(&charge).await))
 }
 
@@ -265,7 +251,9 @@ pub async fn capture(
     path_id("ch", &id, "charge", "charge")?;
     let amount = body.and_then(|b| b.amount);
     let vault = state.vault.clone();
-    let charge = detached(async move { vault.capture_charge(&ctx, &id, amount).await }).await?;
+    let charge = state
+        .detach(async move { vault.capture_charge(&ctx, &id, amount).await })
+        .await?;
     Ok(Json(charge_object(&charge)))
 }
 
@@ -278,7 +266,9 @@ pub async fn refund(
     path_id("ch", &id, "charge", "charge")?;
     let amount = body.and_then(|b| b.amount);
     let vault = state.vault.clone();
-    let (_, refund) = detached(async move { vault.refund_charge(&ctx, &id, amount).await }).await?;
+    let (_, refund) = state
+        .detach(async move { vault.refund_charge(&ctx, &id, amount).await })
+        .await?;
     Ok((StatusCode::CREATED, Json(refund_object(&refund))).into_response())
 }
 
@@ -290,6 +280,8 @@ pub async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     path_id("ch", &id, "charge", "charge")?;
     let vault = state.vault.clone();
-    let charge = detached(async move { vault.cancel_charge(&ctx, &id).await }).await?;
+    let charge = state
+        .detach(async move { vault.cancel_charge(&ctx, &id).await })
+        .await?;
     Ok(Json(charge_object(&charge)))
 }

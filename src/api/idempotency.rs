@@ -11,7 +11,6 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
-use tracing::Instrument;
 
 use super::error::ApiError;
 use super::extract::read_body;
@@ -151,20 +150,23 @@ async fn run(
             // key) even if the client goes away or the request timeout
             // answers first. Dropped halfway, it would leave the key held
             // with nothing to replay.
-            let (state, merchant, key) = (state.clone(), merchant.to_string(), key.to_string());
-            let request_id = super::error::current_request_id();
-            let task = tokio::spawn(
-                super::error::REQUEST_ID
-                    .scope(request_id, async move {
-                        let resp = next.run(req).await;
-                        finish(&state, &merchant, &key, resp).await
-                    })
-                    .in_current_span(),
-            );
-            task.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "idempotent request task failed");
-                Err(ApiError::internal())
-            })
+            let slot = match state.detached_slot() {
+                Ok(slot) => slot,
+                Err(busy) => {
+                    // Refused before it started: the key is free again.
+                    if let Err(e) = vault.storage().release_idempotency_key(merchant, key).await {
+                        tracing::warn!(error = %e, "could not release idempotency key");
+                    }
+                    return Err(busy);
+                }
+            };
+            let (owned, merchant, key) = (state.clone(), merchant.to_string(), key.to_string());
+            state
+                .run_detached(slot, async move {
+                    let resp = next.run(req).await;
+                    finish(&owned, &merchant, &key, resp).await
+                })
+                .await
         }
     }
 }

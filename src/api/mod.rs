@@ -23,6 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tracing::Instrument;
 
 pub use error::ApiError;
 
@@ -40,6 +41,82 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 pub struct AppState {
     pub vault: Arc<Vault>,
     pub limits: Arc<Limits>,
+    /// Slots for requests running on a task of their own (see
+    /// [`AppState::detach`]): `limits.max_connections` of them.
+    pub detached: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    pub fn new(vault: Arc<Vault>, limits: Arc<Limits>) -> Self {
+        let detached = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        AppState {
+            vault,
+            limits,
+            detached,
+        }
+    }
+
+    /// Runs `work` on a task of its own (see [`AppState::run_detached`]),
+    /// or refuses it (503 `server_busy`) when no slot is free.
+    pub(crate) async fn detach<T, E, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        E: Into<ApiError> + Send + 'static,
+        F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let slot = self.detached_slot()?;
+        self.run_detached(slot, work).await
+    }
+
+    /// A slot for a detached request: taken before the request starts
+    /// anything, so that a refusal leaves nothing half done. At most
+    /// `limits.max_connections` are out at once: a detached request
+    /// outlives its connection, so the connection limit does not bound it.
+    pub(crate) fn detached_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.detached).try_acquire_owned().map_err(|_| {
+            tracing::warn!("detached request limit reached; refusing a request");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "server_busy",
+                "too many requests are in progress; retry shortly",
+            )
+        })
+    }
+
+    /// Runs `work` on a task of its own, holding `slot`, with the request's
+    /// id and span, so that a client hanging up (or the request timeout
+    /// answering first) cannot cancel it halfway: between a processor's
+    /// answer and the write that records it, or between claiming an
+    /// idempotency key and storing the answer.
+    pub(crate) async fn run_detached<T, E, F>(
+        &self,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        E: Into<ApiError> + Send + 'static,
+        F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let request_id = error::current_request_id();
+        let task = tokio::spawn(
+            error::REQUEST_ID
+                .scope(request_id, async move {
+                    let done = work.await;
+                    drop(slot);
+                    done
+                })
+                .in_current_span(),
+        );
+        match task.await {
+            Ok(done) => done.map_err(Into::into),
+            Err(e) => {
+                tracing::error!(error = %e, "detached request task failed");
+                Err(ApiError::internal())
+            }
+        }
+    }
 }
 
 /// The full application router.

@@ -36,19 +36,20 @@ pub async fn start_verification(
     path_id("cus", &customer, "customer", "customer")?;
     path_id("card", &card, "card", "card")?;
     let vault = state.vault.clone();
-    let v = super::charges::detached(async move {
-        vault
-            .start_verification(
-                &ctx,
-                &customer,
-                &card,
-                &body.method,
-                body.currency.as_deref(),
-                body.token.as_deref(),
-            )
-            .await
-    })
-    .await?;
+    let v = state
+        .detach(async move {
+            vault
+                .start_verification(
+                    &ctx,
+                    &customer,
+                    &card,
+                    &body.method,
+                    body.currency.as_deref(),
+                    body.token.as_deref(),
+                )
+                .await
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(verification_object(&v))).into_response())
 }
 

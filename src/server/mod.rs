@@ -67,10 +67,7 @@ impl Application {
         vault.set_hosted(hosted_settings(&cfg, listener.local_addr()?)?);
         let vault = Arc::new(vault);
         let limits = Arc::new(cfg.limits.clone());
-        let router = api::router(AppState {
-            vault: Arc::clone(&vault),
-            limits: Arc::clone(&limits),
-        });
+        let router = api::router(AppState::new(Arc::clone(&vault), Arc::clone(&limits)));
         Ok(Application {
             listener,
             acceptor: TlsAcceptor::from(tls),

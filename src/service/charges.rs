@@ -274,8 +274,20 @@ fn charge_money(c: &ChargeRecord, amount: i64) -> ServiceResult<Money> {
     money(amount, &c.currency)
 }
 
-fn processor_unavailable(e: ProcessorError) -> ServiceError {
-    ServiceError::Unavailable(e.to_string())
+/// A capture's or a void's processor error: an unknown outcome is a 503
+/// (retry: the retry repeats the operation's idempotency key), a refusal
+/// is final and says so (409 `code`), nothing having happened.
+fn processor_refused(e: ProcessorError, code: &'static str, operation: &str) -> ServiceError {
+    match e {
+        e @ ProcessorError::Unknown(_) => ServiceError::Unavailable(e.to_string()),
+        ProcessorError::Failed(cause) => {
+            tracing::warn!(%cause, "the processor refused a {operation}");
+            ServiceError::invalid_state(
+                code,
+                format!("the processor refused the {operation}; nothing changed"),
+            )
+        }
+    }
 }
 
 impl Vault {
@@ -663,7 +675,7 @@ impl Vault {
         self.processor
             .capture(&reference, &format!("{}/capture", charge.id), money)
             .await
-            .map_err(processor_unavailable)?;
+            .map_err(|e| processor_refused(e, "capture_failed", "capture"))?;
         let expected = charge.version;
         charge.version += 1;
         charge.updated_at = now();
@@ -772,8 +784,8 @@ impl Vault {
     /// and `audit` entry (whose outcome and detail are filled in here): done
     /// (`charge.refunded`), or refused (the refund fails, nothing was
     /// refunded: `charge.refund_failed`, and the error `refund_failed`).
-    /// An unknown outcome stores nothing and returns the refund still
-    /// `pending`.
+    /// An unknown outcome, or an outcome the database cannot take now,
+    /// stores nothing and returns the refund still `pending`.
     async fn finish_refund(
         &self,
         mut charge: ChargeRecord,
@@ -789,6 +801,7 @@ impl Vault {
                 return Ok((charge, refund));
             }
         };
+        let (before, pending) = (charge.clone(), refund.clone());
         let expected = charge.version;
         next_version(&mut charge);
         let event = match &refused {
@@ -812,10 +825,22 @@ impl Vault {
                 )
             }
         };
-        self.storage
+        match self
+            .storage
             .update_charge(&charge, expected, Some(&refund), &[event], &audit)
             .await
-            .map_err(|e| self.state_conflict(e))?;
+        {
+            Ok(()) => {}
+            // The processor has answered but the database is out: the
+            // refund stays `pending` as stored, and reconciliation sends it
+            // again (the processor answers its repeated key the same way).
+            // Answered as what is stored, so no retry makes a second one.
+            Err(StorageError::Unavailable(cause)) => {
+                tracing::warn!(refund = %refund.id, %cause, "refund outcome not stored; left pending");
+                return Ok((before, pending));
+            }
+            Err(e) => return Err(self.state_conflict(e)),
+        }
         match refused {
             None => Ok((charge, refund)),
             Some(cause) => {
@@ -851,7 +876,7 @@ impl Vault {
             self.processor
                 .void(&reference, &format!("{}/void", charge.id))
                 .await
-                .map_err(processor_unavailable)?;
+                .map_err(|e| processor_refused(e, "cancel_failed", "void"))?;
         } else if !awaiting_cvc {
             return Err(ServiceError::invalid_state(
                 "charge_not_cancelable",

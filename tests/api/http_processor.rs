@@ -21,8 +21,11 @@ struct Fake {
     hang: Duration,
     /// How long every refund waits before it is answered (it is made).
     refund_hang: Duration,
-    /// Whether refunds are refused (HTTP 422).
-    refuse_refunds: bool,
+    /// Operations (`refund`, `capture`, `void`) refused with HTTP 422.
+    refuse: Vec<&'static str>,
+    /// A PostgreSQL database whose other connections the next refund cuts
+    /// before it answers (the vault's database goes away meanwhile).
+    cut_db_on_refund: Option<String>,
     /// What a lookup of a reference answers (else `not_found`).
     found: std::collections::HashMap<String, Value>,
     /// (path, body) of every request.
@@ -42,7 +45,7 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                   body: String| {
                 let state = Arc::clone(&s);
                 async move {
-                    let (hang, refund_hang, refuse, found) = {
+                    let (hang, refund_hang, refuse, found, cut_db) = {
                         let mut st = state.lock().unwrap();
                         st.requests.push((op.clone(), body.clone()));
                         let key = headers
@@ -58,18 +61,26 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                         (
                             st.hang,
                             st.refund_hang,
-                            st.refuse_refunds,
+                            st.refuse.iter().any(|r| *r == op),
                             st.found.get(&reference).cloned(),
+                            if op == "refund" {
+                                st.cut_db_on_refund.take()
+                            } else {
+                                None
+                            },
                         )
                     };
+                    if let Some(url) = cut_db {
+                        cut_connections(&url).await;
+                    }
                     if op == "refund" {
                         tokio::time::sleep(refund_hang).await;
-                        if refuse {
-                            return (
-                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                                axum::Json(json!({"error": "refund window closed"})),
-                            );
-                        }
+                    }
+                    if refuse {
+                        return (
+                            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                            axum::Json(json!({"error": "refused"})),
+                        );
                     }
                     if op == "lookup" {
                         return (
@@ -118,6 +129,76 @@ async fn app_with_fake_processor(
     (app, fake)
 }
 
+/// Ends every other session on the database at `url`.
+async fn cut_connections(url: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+/// A vault with a fake processor (answering within `timeout_ms`, see
+/// [`app_with_fake_processor`]) whose authorizations hang for `hang_secs`,
+/// and a merchant with a customer whose default card is set.
+async fn hanging_app(
+    backend: Backend,
+    mode: CryptoMode,
+    timeout_ms: u64,
+    hang_secs: u64,
+    tweak: impl FnOnce(&mut cardvault::config::Config),
+) -> (TestApp, Arc<Mutex<Fake>>, Merchant, String) {
+    let (app, fake) = app_with_fake_processor(backend, mode, timeout_ms, tweak).await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "hanging@example.com").await;
+    app.card(&m.sk, &cus, &random_visa()).await;
+    fake.lock().unwrap().hang = Duration::from_secs(hang_secs);
+    (app, fake, m, cus)
+}
+
+/// A vault whose reconciliation runs every second for what has been
+/// unsettled for `after_secs`, with a merchant and a captured charge of
+/// `amount`.
+async fn reconciling_app_with_charge(
+    backend: Backend,
+    mode: CryptoMode,
+    timeout_ms: u64,
+    after_secs: u64,
+    amount: i64,
+) -> (TestApp, Arc<Mutex<Fake>>, Merchant, String) {
+    let (app, fake, m, cus) = hanging_app(backend, mode, timeout_ms, 0, |cfg| {
+        cfg.payments.reconcile_interval_secs = 1;
+        cfg.payments.reconcile_after_secs = after_secs;
+    })
+    .await;
+    let (s, ch) = app
+        .post(
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": amount, "currency": "usd", "customer": cus}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ch}");
+    assert_eq!(ch["captured"], true, "{ch}");
+    let id = ch["id"].as_str().unwrap().to_string();
+    (app, fake, m, id)
+}
+
+/// The Idempotency-Key of every `op` request the fake received.
+fn keys_of(fake: &Arc<Mutex<Fake>>, op: &str) -> Vec<String> {
+    fake.lock()
+        .unwrap()
+        .keys
+        .iter()
+        .filter(|(o, _)| o == op)
+        .map(|(_, k)| k.clone())
+        .collect()
+}
+
 /// A Luhn-valid Visa number no other test uses.
 pub fn random_visa() -> String {
     let mut rng = rand::thread_rng();
@@ -161,6 +242,22 @@ fn requests(fake: &Arc<Mutex<Fake>>, op: &str) -> Vec<String> {
 
 fn authorizations(fake: &Arc<Mutex<Fake>>) -> Vec<String> {
     requests(fake, "authorize")
+}
+
+/// (type, id of the object) of the merchant's latest 100 events.
+async fn event_kinds(app: &TestApp, sk: &str) -> Vec<(String, String)> {
+    let (_, events) = app.get("/v1/events?limit=100", sk).await;
+    events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["data"]["object"]["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
 
 async fn http_processor_gets_the_card_and_nobody_else_does(backend: Backend, mode: CryptoMode) {
@@ -316,15 +413,11 @@ matrix!(http_processor_gets_the_card_and_nobody_else_does);
 /// once the charge is done gets the stored answer. The processor sees one
 /// authorization throughout.
 async fn cut_off_idempotent_request_finishes_and_replays(backend: Backend, mode: CryptoMode) {
-    let (app, fake) = app_with_fake_processor(backend, mode, 6_000, |cfg| {
+    let (app, fake, m, cus) = hanging_app(backend, mode, 6_000, 10, |cfg| {
         cfg.limits.request_timeout_secs = 2;
         cfg.limits.idempotency_lease_secs = 4;
     })
     .await;
-    let m = app.merchant(false).await;
-    let cus = app.customer(&m.sk, "cutoff@example.com").await;
-    app.card(&m.sk, &cus, &random_visa()).await;
-    fake.lock().unwrap().hang = Duration::from_secs(10);
     let body = json!({"amount": 1234, "currency": "usd", "customer": cus});
     let send = || {
         app.call_with_headers(
@@ -395,15 +488,11 @@ matrix!(cut_off_idempotent_request_finishes_and_replays);
 /// with nothing charged. Neither is authorized again, and each change is an
 /// event.
 async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
-    let (app, fake) = app_with_fake_processor(backend, mode, 300, |cfg| {
+    let (app, fake, m, cus) = hanging_app(backend, mode, 300, 2, |cfg| {
         cfg.payments.reconcile_interval_secs = 1;
         cfg.payments.reconcile_after_secs = 1;
     })
     .await;
-    let m = app.merchant(false).await;
-    let cus = app.customer(&m.sk, "lost@example.com").await;
-    app.card(&m.sk, &cus, &random_visa()).await;
-    fake.lock().unwrap().hang = Duration::from_secs(2);
     let mut ids = Vec::new();
     for amount in [500, 600] {
         let (s, ch) = app
@@ -453,18 +542,7 @@ async fn lost_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
             "{id} looked up: {lookups:?}"
         );
     }
-    let (_, events) = app.get("/v1/events?limit=100", &m.sk).await;
-    let kinds: Vec<(String, String)> = events["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_string(),
-                e["data"]["object"]["id"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let kinds = event_kinds(&app, &m.sk).await;
     assert!(
         kinds.contains(&("charge.succeeded".to_string(), approved.clone())),
         "{kinds:?}"
@@ -482,24 +560,7 @@ matrix!(lost_answers_are_reconciled);
 /// outcome, so the processor makes it once. A refused refund fails with
 /// nothing refunded. Each outcome is an event.
 async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) {
-    let (app, fake) = app_with_fake_processor(backend, mode, 300, |cfg| {
-        cfg.payments.reconcile_interval_secs = 1;
-        cfg.payments.reconcile_after_secs = 2;
-    })
-    .await;
-    let m = app.merchant(false).await;
-    let cus = app.customer(&m.sk, "refunds@example.com").await;
-    app.card(&m.sk, &cus, &random_visa()).await;
-    let (s, ch) = app
-        .post(
-            "/v1/charges",
-            &m.sk,
-            json!({"amount": 1000, "currency": "usd", "customer": cus}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{ch}");
-    assert_eq!(ch["captured"], true, "{ch}");
-    let id = ch["id"].as_str().unwrap().to_string();
+    let (app, fake, m, id) = reconciling_app_with_charge(backend, mode, 300, 2, 1000).await;
     let path = format!("/v1/charges/{id}/refunds");
 
     // The processor makes the refund, but its answer is lost.
@@ -539,11 +600,11 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
     );
 
     // A refused refund fails and refunds nothing.
-    fake.lock().unwrap().refuse_refunds = true;
+    fake.lock().unwrap().refuse = vec!["refund"];
     let (s, e) = app.post(&path, &m.sk, json!({"amount": 100})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
     assert_eq!(e["error"]["code"], "refund_failed", "{e}");
-    fake.lock().unwrap().refuse_refunds = false;
+    fake.lock().unwrap().refuse.clear();
 
     let started = std::time::Instant::now();
     let got = loop {
@@ -574,14 +635,7 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
 
     // The processor was sent the lost refund twice under one key, and each
     // refund under its own.
-    let keys: Vec<String> = fake
-        .lock()
-        .unwrap()
-        .keys
-        .iter()
-        .filter(|(op, _)| op == "refund")
-        .map(|(_, k)| k.clone())
-        .collect();
+    let keys = keys_of(&fake, "refund");
     let lost_id = lost["id"].as_str().unwrap();
     assert_eq!(
         keys.iter().filter(|k| k.as_str() == lost_id).count(),
@@ -590,18 +644,7 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
     );
     assert_eq!(keys.len(), 3, "{keys:?}");
 
-    let (_, events) = app.get("/v1/events?limit=100", &m.sk).await;
-    let kinds: Vec<(String, String)> = events["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_string(),
-                e["data"]["object"]["id"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let kinds = event_kinds(&app, &m.sk).await;
     assert!(
         kinds.contains(&("charge.refunded".to_string(), id.clone())),
         "{kinds:?}"
@@ -624,6 +667,166 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
     assert_eq!(got["refunded"], true, "{got}");
 }
 matrix!(lost_refund_answers_are_reconciled);
+
+/// Requests that run apart from their connection (processor calls, claimed
+/// idempotency keys) are bounded: past `limits.max_connections` of them a
+/// request is refused with 503 `server_busy` before anything starts, so its
+/// idempotency key stays free and a retry once the others are done works.
+async fn detached_requests_are_bounded(backend: Backend, mode: CryptoMode) {
+    let (app, fake, m, cus) = hanging_app(backend, mode, 5_000, 3, |cfg| {
+        cfg.limits.max_connections = 2;
+        cfg.limits.request_timeout_secs = 1;
+    })
+    .await;
+    let charge = async |key: &str| {
+        app.call_with_headers(
+            Method::POST,
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": 321, "currency": "usd", "customer": cus}),
+            &[("Idempotency-Key", key)],
+        )
+        .await
+    };
+    // Cut off by the request timeout, it goes on holding both slots (the
+    // claimed key's and the processor call's).
+    let started = std::time::Instant::now();
+    let (s, first, _) = charge("busy-a").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{first}");
+    assert_eq!(first["error"]["code"], "timeout", "{first}");
+    let (s, refused, _) = charge("busy-b").await;
+    let (s2, plain) = app
+        .post(
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": 322, "currency": "usd", "customer": cus}),
+        )
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "the machine stalled"
+    );
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"]["code"], "server_busy", "{refused}");
+    assert_eq!(s2, StatusCode::SERVICE_UNAVAILABLE, "{plain}");
+    assert_eq!(plain["error"]["code"], "server_busy", "{plain}");
+    assert_eq!(
+        authorizations(&fake).len(),
+        1,
+        "nothing else reached the processor"
+    );
+
+    fake.lock().unwrap().hang = Duration::ZERO;
+    let replayed = loop {
+        let (s, again, _) = charge("busy-a").await;
+        if s != StatusCode::CONFLICT {
+            break (s, again);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the first charge never finished: {again}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(replayed.0, StatusCode::CREATED, "{}", replayed.1);
+    assert_eq!(replayed.1["status"], "succeeded", "{}", replayed.1);
+    // The refused key was never claimed.
+    let (s, retried, headers) = charge("busy-b").await;
+    assert_eq!(s, StatusCode::CREATED, "{retried}");
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_ne!(retried["id"], replayed.1["id"]);
+    assert_eq!(authorizations(&fake).len(), 2);
+}
+matrix!(detached_requests_are_bounded);
+
+/// A capture or a void the processor refuses is final and says so (409,
+/// nothing changed), where an unknown outcome is a 503 to retry; once the
+/// processor accepts, the same operation goes through.
+async fn refused_captures_and_voids_say_so(backend: Backend, mode: CryptoMode) {
+    let (app, fake) = app_with_fake_processor(backend, mode, 1_000, |_| {}).await;
+    let m = app.merchant(false).await;
+    let cus = app.customer(&m.sk, "refused@example.com").await;
+    app.card(&m.sk, &cus, &random_visa()).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, ch) = app
+            .post(
+                "/v1/charges",
+                &m.sk,
+                json!({"amount": 900, "currency": "usd", "customer": cus, "capture": false}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ch}");
+        ids.push(ch["id"].as_str().unwrap().to_string());
+    }
+    fake.lock().unwrap().refuse = vec!["capture", "void"];
+    for (id, op, code) in [
+        (&ids[0], "capture", "capture_failed"),
+        (&ids[1], "cancel", "cancel_failed"),
+    ] {
+        let (s, e) = app
+            .post(&format!("/v1/charges/{id}/{op}"), &m.sk, json!({}))
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{e}");
+        assert_eq!(e["error"]["code"], code, "{e}");
+        let (_, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+        assert_eq!(got["status"], "succeeded", "{got}");
+        assert_eq!(got["captured"], false, "{got}");
+    }
+    fake.lock().unwrap().refuse.clear();
+    let (s, c) = app
+        .post(&format!("/v1/charges/{}/capture", ids[0]), &m.sk, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["captured"], true, "{c}");
+    let (s, c) = app
+        .post(&format!("/v1/charges/{}/cancel", ids[1]), &m.sk, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["status"], "canceled", "{c}");
+}
+matrix!(refused_captures_and_voids_say_so);
+
+/// The processor makes a refund but the vault's database goes away before
+/// the outcome is stored: the refund is answered as stored, `pending`
+/// (never 503, which would invite a second refund), and reconciliation
+/// stores it once the database is back. PostgreSQL only: its sessions can
+/// be cut from outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_outcome_survives_a_database_cut() {
+    let (app, fake, m, id) =
+        reconciling_app_with_charge(Backend::Postgres, CryptoMode::Envelope, 2_000, 1, 700).await;
+    fake.lock().unwrap().cut_db_on_refund = Some(app.db_url.clone());
+    let (s, r) = app
+        .post(
+            &format!("/v1/charges/{id}/refunds"),
+            &m.sk,
+            json!({"amount": 250}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["status"], "pending", "{r}");
+    let started = std::time::Instant::now();
+    let got = loop {
+        let (s, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+        if s == StatusCode::OK && got["amount_refunded"] == 250 {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reconciled: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(got["refunds"]["data"][0]["id"], r["id"], "{got}");
+    assert_eq!(got["refunds"]["data"][0]["status"], "succeeded", "{got}");
+    let keys = keys_of(&fake, "refund");
+    assert!(keys.len() >= 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k == r["id"].as_str().unwrap()),
+        "{keys:?}"
+    );
+}
 
 /// A micro-charge verification whose authorization got no answer: the
 /// request fails (503, nothing recorded) and the possible hold is voided by

@@ -31,7 +31,6 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::charges::detached;
 use super::error::{current_request_id, ApiError};
 use super::extract::JsonBody;
 use super::{AppState, PeerAddr};
@@ -380,12 +379,13 @@ async fn cvc_confirm(
     let vault = state.vault.clone();
     let who = caller(peer.map(|p| p.0));
     let credential = body.credential;
-    let done = detached(async move {
-        vault
-            .confirm_charge_hosted(who, &charge, &credential, cvc)
-            .await
-    })
-    .await?;
+    let done = state
+        .detach(async move {
+            vault
+                .confirm_charge_hosted(who, &charge, &credential, cvc)
+                .await
+        })
+        .await?;
     let shown = crate::service::charge_object(&done);
     Ok(Json(json!({
         "status": shown["status"],
