@@ -12,6 +12,8 @@
 //! | 4000000000000259    | processor timeout: outcome unknown; approved when the |
 //! |                     | charge is reconciled (lookup) by the same process     |
 //! | 4000000000000119    | processor error: fails, nothing charged               |
+//! | 4000000000000275    | approved; each refund's first call times out (the     |
+//! |                     | refund is made), a repeat of its key succeeds         |
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -27,6 +29,7 @@ pub const CARD_EXPIRED: &str = "4000000000000069";
 pub const REQUIRES_CVC: &str = "4000000000000101";
 pub const TIMEOUT: &str = "4000000000000259";
 pub const PROCESSOR_ERROR: &str = "4000000000000119";
+pub const REFUND_TIMEOUT: &str = "4000000000000275";
 
 /// How many withheld answers the sandbox remembers for lookups.
 const REMEMBERED: usize = 10_000;
@@ -38,6 +41,17 @@ pub struct SandboxProcessor {
     /// outcome a lookup reveals, oldest first. In memory only: after a
     /// restart the sandbox has "never received" them.
     withheld: Mutex<VecDeque<(String, AuthOutcome)>>,
+    /// Authorizations (their references) whose refunds time out, and the
+    /// refunds (their keys) made under them, oldest first; in memory only.
+    lost_refunds: Mutex<(VecDeque<String>, VecDeque<String>)>,
+}
+
+/// Appends to a list that keeps the last [`REMEMBERED`].
+fn remember<T>(list: &mut VecDeque<T>, item: T) {
+    if list.len() == REMEMBERED {
+        list.pop_front();
+    }
+    list.push_back(item);
 }
 
 fn declined(code: &str, message: &str) -> AuthOutcome {
@@ -63,15 +77,15 @@ impl Processor for SandboxProcessor {
             TIMEOUT => {
                 // The authorization went through; only its answer is lost.
                 let mut withheld = self.withheld.lock().unwrap_or_else(|e| e.into_inner());
-                if withheld.len() == REMEMBERED {
-                    withheld.pop_front();
-                }
-                withheld.push_back((
-                    req.reference.to_string(),
-                    AuthOutcome::Approved {
-                        reference: new_id("sbx"),
-                    },
-                ));
+                remember(
+                    &mut withheld,
+                    (
+                        req.reference.to_string(),
+                        AuthOutcome::Approved {
+                            reference: new_id("sbx"),
+                        },
+                    ),
+                );
                 return Err(ProcessorError::Unknown(
                     "sandbox: simulated processor timeout".to_string(),
                 ));
@@ -80,6 +94,12 @@ impl Processor for SandboxProcessor {
                 return Err(ProcessorError::Failed(
                     "sandbox: simulated processor error".to_string(),
                 ))
+            }
+            REFUND_TIMEOUT => {
+                let reference = new_id("sbx");
+                let mut lost = self.lost_refunds.lock().unwrap_or_else(|e| e.into_inner());
+                remember(&mut lost.0, reference.clone());
+                AuthOutcome::Approved { reference }
             }
             _ => AuthOutcome::Approved {
                 reference: new_id("sbx"),
@@ -92,7 +112,16 @@ impl Processor for SandboxProcessor {
         Ok(())
     }
 
-    async fn refund(&self, _reference: &str, _key: &str, _amount: Money) -> ProcessorResult<()> {
+    async fn refund(&self, reference: &str, key: &str, _amount: Money) -> ProcessorResult<()> {
+        let mut lost = self.lost_refunds.lock().unwrap_or_else(|e| e.into_inner());
+        let (timeouts, made) = &mut *lost;
+        if timeouts.iter().any(|r| r == reference) && !made.iter().any(|k| k == key) {
+            // Made, but its answer is lost; a repeat of the key is answered.
+            remember(made, key.to_string());
+            return Err(ProcessorError::Unknown(
+                "sandbox: simulated refund timeout".to_string(),
+            ));
+        }
         Ok(())
     }
 
@@ -189,5 +218,32 @@ mod tests {
             Ok(Some(AuthOutcome::Approved { .. }))
         ));
         assert_eq!(sandbox.lookup("ch_never_sent").await, Ok(None));
+    }
+
+    /// Refunds under an authorization of the refund-timeout card lose the
+    /// first answer of each refund; a repeat of its key is answered. Other
+    /// authorizations' refunds are answered at once.
+    #[tokio::test]
+    async fn refund_timeout_card_loses_each_refunds_first_answer() {
+        let sandbox = SandboxProcessor::default();
+        let money = Money::new(100, Currency::Usd).unwrap();
+        let Ok(AuthOutcome::Approved { reference }) =
+            run_on(&sandbox, REFUND_TIMEOUT, None, "ch_slow").await
+        else {
+            panic!("the refund-timeout card is approved");
+        };
+        for key in ["re_1", "re_2"] {
+            assert!(matches!(
+                sandbox.refund(&reference, key, money).await,
+                Err(ProcessorError::Unknown(_))
+            ));
+            assert_eq!(sandbox.refund(&reference, key, money).await, Ok(()));
+        }
+        let Ok(AuthOutcome::Approved { reference: plain }) =
+            run_on(&sandbox, "4242424242424242", None, "ch_plain").await
+        else {
+            panic!("approved");
+        };
+        assert_eq!(sandbox.refund(&plain, "re_3", money).await, Ok(()));
     }
 }

@@ -950,7 +950,9 @@ matrix!(concurrent_changes_apply_once);
 /// Reconciliation with the sandbox: a charge of the timeout card (the
 /// sandbox withheld its approval) becomes `succeeded`; a charge left
 /// `processing`, as by a node that died during the processor call, fails
-/// with nothing charged, since the processor never received it.
+/// with nothing charged, since the processor never received it; a refund
+/// of the refund-timeout card, answered `pending`, is sent again and
+/// succeeds.
 async fn sandbox_charges_are_reconciled(backend: Backend, mode: CryptoMode) {
     let app = TestApp::spawn_with(backend, mode, |cfg| {
         cfg.payments.reconcile_interval_secs = 1;
@@ -1001,9 +1003,28 @@ async fn sandbox_charges_are_reconciled(backend: Backend, mode: CryptoMode) {
         )
         .await
         .unwrap();
+    // A refund whose answer the sandbox loses (it is made).
+    let slow_card = app.card(&m.sk, &cus, sandbox::REFUND_TIMEOUT).await;
+    let (s, slow) = charge(
+        &app,
+        &m.sk,
+        json!({"amount": 900, "currency": "usd", "customer": cus, "card": slow_card["id"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{slow}");
+    let slow_id = slow["id"].as_str().unwrap();
+    let (s, refund) = app
+        .post(
+            &format!("/v1/charges/{slow_id}/refunds"),
+            &m.sk,
+            json!({"amount": 300}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{refund}");
+    assert_eq!(refund["status"], "pending", "{refund}");
 
     let started = std::time::Instant::now();
-    let (l, o) = loop {
+    let (l, o, r) = loop {
         let (_, l) = app
             .get(
                 &format!("/v1/charges/{}", lost["id"].as_str().unwrap()),
@@ -1011,15 +1032,19 @@ async fn sandbox_charges_are_reconciled(backend: Backend, mode: CryptoMode) {
             )
             .await;
         let (_, o) = app.get(&format!("/v1/charges/{}", orphan.id), &m.sk).await;
-        if l["status"] != "pending" && o["status"] != "processing" {
-            break (l, o);
+        let (_, r) = app.get(&format!("/v1/charges/{slow_id}"), &m.sk).await;
+        if l["status"] != "pending" && o["status"] != "processing" && r["amount_refunded"] != 0 {
+            break (l, o, r);
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
-            "not reconciled: {l} {o}"
+            "not reconciled: {l} {o} {r}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     };
+    assert_eq!(r["amount_refunded"], 300, "{r}");
+    assert_eq!(r["refunds"]["data"][0]["id"], refund["id"], "{r}");
+    assert_eq!(r["refunds"]["data"][0]["status"], "succeeded", "{r}");
     assert_eq!(l["status"], "succeeded", "{l}");
     assert_eq!(l["captured"], true, "{l}");
     assert!(l["failure_code"].is_null(), "{l}");
