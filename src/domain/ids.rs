@@ -64,27 +64,27 @@ pub mod prefix {
 }
 
 /// `prefix` + `_` + `n` uniform base62 characters from a ChaCha CSPRNG
-/// seeded with 32 bytes from the OS (one `getrandom` call, where sampling
-/// the OS generator directly would make one per character). A trailing `_`
-/// on `prefix` is not doubled.
+/// seeded for this call alone with 32 bytes from the OS (one `getrandom`
+/// call, where sampling the OS generator directly would make one per
+/// character): used for secrets, so that no generator state outlives one.
+/// A trailing `_` on `prefix` is not doubled.
 fn random_with_prefix(prefix: &str, n: usize) -> String {
+    use rand::SeedableRng;
     let prefix = prefix.trim_end_matches('_');
     let mut out = String::with_capacity(prefix.len() + 1 + n);
     out.push_str(prefix);
     out.push('_');
-    push_random(&mut out, n);
+    // Sampling `OsRng` directly panics the same way when the OS generator
+    // fails; a vault cannot go on without one.
+    let mut rng = rand::rngs::StdRng::from_rng(OsRng)
+        .unwrap_or_else(|e| panic!("the OS random number generator failed: {e}"));
+    push_random(&mut out, n, &mut rng);
     out
 }
 
-/// Appends `n` uniform base62 characters.
-fn push_random(out: &mut String, n: usize) {
-    use rand::SeedableRng;
-    // `Alphanumeric` samples [A-Za-z0-9] uniformly (rejection sampling, no
-    // modulo bias).
-    // Sampling `OsRng` directly panics the same way when the OS generator
-    // fails; a vault cannot go on without one.
-    let rng = rand::rngs::StdRng::from_rng(OsRng)
-        .unwrap_or_else(|e| panic!("the OS random number generator failed: {e}"));
+/// Appends `n` uniform base62 characters drawn from `rng`. `Alphanumeric`
+/// samples [A-Za-z0-9] uniformly (rejection sampling, no modulo bias).
+fn push_random(out: &mut String, n: usize, rng: &mut impl Rng) {
     out.extend(rng.sample_iter(&Alphanumeric).take(n).map(char::from));
 }
 
@@ -115,7 +115,11 @@ fn id_at(prefix: &str, ms: u64) -> String {
     out.push_str(prefix);
     out.push('_');
     push_time(&mut out, ms);
-    push_random(&mut out, ID_RANDOM_LEN);
+    // Ids are not secrets, only unguessable: the thread's CSPRNG (ChaCha,
+    // reseeded from the OS) serves them without a `getrandom` call and a
+    // generator setup per id (856 ns an id, against 192 ns, measured with
+    // rand 0.8 in release on this VM).
+    push_random(&mut out, ID_RANDOM_LEN, &mut rand::thread_rng());
     out
 }
 
