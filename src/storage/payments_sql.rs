@@ -1047,11 +1047,19 @@ macro_rules! impl_payment_stores {
                 .fetch_all(self.pool())
                 .await
                 .map_err($err)?;
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
                 // Lease each row by moving its next attempt past the send's
                 // timeout, if nobody else did first: nodes sharing the
                 // database do not send the same delivery at once, and one
                 // that dies mid-send leaves the row to be retried after the
-                // lease.
+                // lease. One write transaction for the round (on SQLite it
+                // takes its turn behind the group writer and commits once,
+                // instead of one commit, and one wait for the lock, per row).
+                // Its durable commit also makes durable every event it
+                // leases before anything is sent.
+                let mut tx = $begin(self).await?;
                 let mut leased = Vec::with_capacity(rows.len());
                 for row in rows {
                     let done = sqlx::query(&$q(
@@ -1061,13 +1069,14 @@ macro_rules! impl_payment_stores {
                     .bind(lease_until)
                     .bind(row.seq)
                     .bind(row.next_at)
-                    .execute(self.pool())
+                    .execute(&mut *tx)
                     .await
                     .map_err($err)?;
                     if done.rows_affected() == 1 {
                         leased.push(DueDelivery::try_from(row)?);
                     }
                 }
+                tx.commit().await.map_err($err)?;
                 Ok(leased)
             }
 

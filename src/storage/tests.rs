@@ -175,6 +175,7 @@ on_both_backends!(
     batched_charge_writes_check_versions_per_row,
     unsettled_charges_are_found,
     pending_refunds_are_found,
+    deliveries_are_leased_once,
 );
 
 // ---------------------------------------------------------------- builders
@@ -1284,6 +1285,61 @@ async fn pending_refunds_are_found(s: &dyn Storage) {
     assert_eq!(listed.len(), 4);
     assert_eq!(status("re_old"), "succeeded");
     assert_eq!(status("re_done"), "succeeded");
+}
+
+/// Delivery leasing: of two workers asking at once, each due delivery goes
+/// to exactly one; a leased delivery is due again only once its lease ends.
+async fn deliveries_are_leased_once(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    let endpoint = WebhookEndpointRecord {
+        id: "we_1".to_string(),
+        merchant_id: "mer_a".to_string(),
+        url: "https://example.com/hook".to_string(),
+        events: vec!["*".to_string()],
+        secret_sealed: vec![1, 2, 3],
+        created_at: 1,
+    };
+    s.insert_webhook_endpoint(
+        &endpoint,
+        &audit("webhook_endpoint.create", Some("mer_a"), Some("we_1")),
+    )
+    .await
+    .unwrap();
+    for i in 0..12 {
+        let c = charge("mer_a", &format!("ch_{i}"));
+        s.insert_charge(
+            &c,
+            &[charge_event(&c, "charge.succeeded")],
+            &audit("charge.create", Some("mer_a"), Some(&c.id)),
+        )
+        .await
+        .unwrap();
+    }
+    // The events were created at 1_700_000_000 s: due from then, in ms.
+    let now = 1_700_000_000_000 + 1;
+    let lease = now + 60_000;
+    let (a, b) = tokio::join!(
+        s.due_deliveries(now, lease, 50),
+        s.due_deliveries(now, lease, 50)
+    );
+    let mut seqs: Vec<i64> = a
+        .unwrap()
+        .iter()
+        .chain(b.unwrap().iter())
+        .map(|d| d.seq)
+        .collect();
+    let leased = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!((leased, seqs.len()), (12, 12));
+    assert!(s
+        .due_deliveries(now + 1, lease, 50)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = s.due_deliveries(lease, lease + 60_000, 50).await.unwrap();
+    assert_eq!(again.len(), 12);
+    assert_eq!(again[0].endpoint.id, "we_1");
 }
 
 async fn batched_charge_writes_check_versions_per_row(s: &dyn Storage) {
