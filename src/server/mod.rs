@@ -258,16 +258,14 @@ async fn run_upkeep(vault: Arc<Vault>, upkeep: Upkeep) {
                 }
             }
             _ = maintenance.tick() => {
-                match vault.key_maintenance(&upkeep.keys).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(rotated = n, "data keys past their cryptoperiod rotated"),
-                    Err(e) => tracing::warn!(error = %e, "key maintenance failed"),
-                }
-                match vault.sweep_idempotency_keys(upkeep.idempotency_retention).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(deleted = n, "expired idempotency records deleted"),
-                    Err(e) => tracing::warn!(error = %e, "idempotency sweep failed"),
-                }
+                workers::log_round(
+                    "data_key_rotation",
+                    vault.key_maintenance(&upkeep.keys).await,
+                );
+                workers::log_round(
+                    "idempotency_sweep",
+                    vault.sweep_idempotency_keys(upkeep.idempotency_retention).await,
+                );
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Background workers started with the server: the token sweeper (purges
 //! the sealed payloads of expired tokens, deletes day-old capture sessions),
-//! the webhook delivery loop and charge reconciliation.
+//! the webhook delivery loop and the reconciliation of charges and refunds.
 //! All are safe to run on every node: their database updates are
 //! idempotent or version-checked, and a delivery is at-least-once.
 
@@ -17,6 +17,20 @@ pub struct Workers {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// Logs the outcome of one round of a background job: how many rows it
+/// changed (nothing when none), or why it failed (it runs again next round).
+pub(crate) fn log_round<N, E>(job: &str, outcome: Result<N, E>)
+where
+    N: Default + PartialEq + std::fmt::Display,
+    E: std::fmt::Display,
+{
+    match outcome {
+        Ok(n) if n == N::default() => {}
+        Ok(n) => tracing::info!(job, changed = %n, "background job round done"),
+        Err(e) => tracing::warn!(job, error = %e, "background job round failed"),
+    }
+}
+
 impl Workers {
     pub fn start(vault: Arc<Vault>) -> Workers {
         let sweep_every = Duration::from_secs(vault.payments_config().token_sweep_secs.max(1));
@@ -26,16 +40,11 @@ impl Workers {
                 let mut tick = tokio::time::interval(sweep_every);
                 loop {
                     tick.tick().await;
-                    match vault.sweep_tokens().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(purged = n, "expired tokens purged"),
-                        Err(e) => tracing::warn!(error = %e, "token sweep failed"),
-                    }
-                    match vault.sweep_capture_sessions().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(deleted = n, "old capture sessions deleted"),
-                        Err(e) => tracing::warn!(error = %e, "capture session sweep failed"),
-                    }
+                    log_round("token_sweep", vault.sweep_tokens().await);
+                    log_round(
+                        "capture_session_sweep",
+                        vault.sweep_capture_sessions().await,
+                    );
                 }
             })
         };
@@ -48,16 +57,8 @@ impl Workers {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    match vault.reconcile_charges().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(settled = n, "charges reconciled"),
-                        Err(e) => tracing::warn!(error = %e, "charge reconciliation failed"),
-                    }
-                    match vault.reconcile_refunds().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(settled = n, "refunds reconciled"),
-                        Err(e) => tracing::warn!(error = %e, "refund reconciliation failed"),
-                    }
+                    log_round("charge_reconciliation", vault.reconcile_charges().await);
+                    log_round("refund_reconciliation", vault.reconcile_refunds().await);
                 }
             })
         };
