@@ -59,6 +59,10 @@ impl Workers {
                     tick.tick().await;
                     log_round("charge_reconciliation", vault.reconcile_charges().await);
                     log_round("refund_reconciliation", vault.reconcile_refunds().await);
+                    log_round(
+                        "capture_void_reconciliation",
+                        vault.reconcile_charge_actions().await,
+                    );
                 }
             })
         };

@@ -19,7 +19,7 @@ use crate::domain::{contains_pan_like, new_id, Currency, Money, Pan};
 use crate::processor::{AuthOutcome, AuthorizeRequest, PaymentCard, ProcessorError};
 use crate::storage::{
     AuditEntry, CardRecord, ChargeRecord, EventRecord, LineItem, Metadata, Page, RefundRecord,
-    StorageError,
+    StorageError, Unsettled,
 };
 
 /// A new version of the charge, cleared of the previous outcome's details.
@@ -105,6 +105,39 @@ pub const STATUS_PENDING: &str = "pending";
 pub const STATUS_SUCCEEDED: &str = "succeeded";
 pub const STATUS_FAILED: &str = "failed";
 pub const STATUS_CANCELED: &str = "canceled";
+
+/// A charge's pending action while the processor captures it.
+pub const ACTION_CAPTURE: &str = "capture";
+/// A charge's pending action while the processor voids it.
+pub const ACTION_CANCEL: &str = "cancel";
+
+/// The processor's idempotency key for a charge's capture or void: one per
+/// charge and operation, so every send of a pending action is the same
+/// request to the processor.
+fn action_key(charge_id: &str, action: &str) -> String {
+    match action {
+        ACTION_CAPTURE => format!("{charge_id}/capture"),
+        _ => format!("{charge_id}/void"),
+    }
+}
+
+/// Refuses a request that would race the charge's pending capture or void
+/// (its processor outcome is not stored yet).
+fn pending_conflict(charge: &ChargeRecord) -> ServiceError {
+    match charge.pending_action.as_deref() {
+        Some(ACTION_CAPTURE) => ServiceError::invalid_state(
+            "capture_pending",
+            format!(
+                "a capture of {} is in progress; its outcome comes as an event",
+                charge.pending_amount.unwrap_or(charge.amount)
+            ),
+        ),
+        _ => ServiceError::invalid_state(
+            "cancel_pending",
+            "a cancel of this charge is in progress; its outcome comes as an event",
+        ),
+    }
+}
 pub(crate) const NEXT_PROVIDE_CVC: &str = "provide_cvc";
 
 /// The public JSON of a charge, without the CVV page's link (see
@@ -128,6 +161,10 @@ pub fn charge_object_with(c: &ChargeRecord, link: Option<&super::hosted::CvcLink
             }
         })
     });
+    let pending_action = c.pending_action.as_ref().map(|t| match c.pending_amount {
+        Some(amount) => json!({ "type": t, "amount": amount }),
+        None => json!({ "type": t }),
+    });
     // `processing` is internal: outside the request that created it, a
     // charge still processing is one whose outcome is not known yet.
     let status = if c.status == STATUS_PROCESSING {
@@ -150,6 +187,7 @@ pub fn charge_object_with(c: &ChargeRecord, link: Option<&super::hosted::CvcLink
         "failure_code": c.failure_code,
         "failure_message": c.failure_message,
         "next_action": next_action,
+        "pending_action": pending_action,
         "description": c.description,
         "metadata": c.metadata,
         "line_items": c.line_items,
@@ -381,6 +419,8 @@ impl Vault {
             version: 0,
             created_at: at,
             updated_at: at,
+            pending_action: None,
+            pending_amount: None,
         };
         let mut audit = ctx.audit("charge.create", Some(&charge.id), "success");
         audit.detail = Some(format!(
@@ -638,6 +678,14 @@ impl Vault {
     }
 
     /// Captures an authorized charge, fully or partly.
+    ///
+    /// The capture is stored on the charge as its pending action, with its
+    /// amount, before the processor is called, and cleared when the answer
+    /// is stored. A lost answer (or an answer the database cannot take)
+    /// leaves it pending and answers 503: a retry sends the same capture
+    /// again under the same idempotency key, and reconciliation does so for
+    /// the charges nobody retried, so the processor captures at most once
+    /// and the charge ends up showing it.
     pub async fn capture_charge(
         &self,
         ctx: &Context,
@@ -651,13 +699,19 @@ impl Vault {
                 "this charge was already captured",
             ));
         }
+        match (charge.pending_action.as_deref(), charge.pending_amount) {
+            (None, _) => {}
+            // The same capture again: sent again below.
+            (Some(ACTION_CAPTURE), Some(pending)) if amount.unwrap_or(pending) == pending => {}
+            _ => return Err(pending_conflict(&charge)),
+        }
         if charge.status != STATUS_SUCCEEDED {
             return Err(ServiceError::invalid_state(
                 "charge_not_capturable",
                 "only an authorized (succeeded, uncaptured) charge can be captured",
             ));
         }
-        let amount = amount.unwrap_or(charge.amount);
+        let amount = amount.or(charge.pending_amount).unwrap_or(charge.amount);
         if amount <= 0 || amount > charge.amount {
             return Err(ServiceError::invalid(
                 "amount",
@@ -668,27 +722,95 @@ impl Vault {
                 ),
             ));
         }
-        let money = charge_money(&charge, amount)?;
+        charge.pending_action = Some(ACTION_CAPTURE.to_string());
+        charge.pending_amount = Some(amount);
         self.claim_charge(ctx, &mut charge, "charge.capture", false)
             .await?;
+        let audit = ctx.audit("charge.capture", Some(&charge.id), "success");
+        self.send_action(charge, audit).await
+    }
+
+    /// Sends the charge's pending capture or void to the processor, under
+    /// its idempotency key, and stores the answer (see `finish_action`).
+    async fn send_action(
+        &self,
+        charge: ChargeRecord,
+        audit: AuditEntry,
+    ) -> ServiceResult<ChargeRecord> {
+        let action = charge.pending_action.clone().unwrap_or_default();
         let reference = charge.processor_ref.clone().unwrap_or_default();
-        self.processor
-            .capture(&reference, &format!("{}/capture", charge.id), money)
-            .await
-            .map_err(|e| processor_refused(e, "capture_failed", "capture"))?;
+        let key = action_key(&charge.id, &action);
+        let result = match action.as_str() {
+            ACTION_CAPTURE => {
+                let amount = charge.pending_amount.unwrap_or(charge.amount);
+                let money = charge_money(&charge, amount)?;
+                self.processor.capture(&reference, &key, money).await
+            }
+            _ => self.processor.void(&reference, &key).await,
+        };
+        self.finish_action(charge, result, audit).await
+    }
+
+    /// Stores the processor's answer to the charge's pending capture or
+    /// void with its event and `audit` entry (whose outcome and detail are
+    /// filled in here): done (`charge.captured` or `charge.canceled`), or
+    /// refused (nothing changed: the action is cleared, and the error is
+    /// `capture_failed` or `cancel_failed`). An unknown outcome stores
+    /// nothing and is a 503; so is an outcome the database cannot take.
+    /// Either way the action stays pending, for a retry or reconciliation.
+    async fn finish_action(
+        &self,
+        mut charge: ChargeRecord,
+        result: Result<(), ProcessorError>,
+        mut audit: AuditEntry,
+    ) -> ServiceResult<ChargeRecord> {
+        let action = charge.pending_action.take().unwrap_or_default();
+        let amount = charge.pending_amount.take();
+        let (failed_code, operation) = match action.as_str() {
+            ACTION_CAPTURE => ("capture_failed", "capture"),
+            _ => ("cancel_failed", "void"),
+        };
+        if let Err(ProcessorError::Unknown(cause)) = &result {
+            tracing::warn!(charge = %charge.id, %cause, "{operation} outcome unknown; left pending");
+            return Err(ServiceError::Unavailable(format!(
+                "the processor's answer to the {operation} was lost; it is sent again \
+                 automatically (or by a retry of this request) and its outcome comes as an event"
+            )));
+        }
         let expected = charge.version;
         charge.version += 1;
         charge.updated_at = now();
-        charge.captured = true;
-        charge.amount_captured = amount;
-        let event = self.charge_event(&charge, "charge.captured");
-        let mut audit = ctx.audit("charge.capture", Some(&charge.id), "success");
-        audit.detail = Some(format!("amount={amount}"));
+        let refused = result.err();
+        let mut events = Vec::new();
+        match (&refused, action.as_str()) {
+            (None, ACTION_CAPTURE) => {
+                let amount = amount.unwrap_or(charge.amount);
+                charge.captured = true;
+                charge.amount_captured = amount;
+                audit.detail = Some(format!("amount={amount}"));
+                events.push(self.charge_event(&charge, "charge.captured"));
+            }
+            (None, _) => {
+                charge.status = STATUS_CANCELED.to_string();
+                charge.next_action = None;
+                events.push(self.charge_event(&charge, "charge.canceled"));
+            }
+            (Some(cause), _) => {
+                audit.outcome = "failure".to_string();
+                audit.detail = Some(match amount {
+                    Some(amount) => format!("amount={amount} refused: {cause}"),
+                    None => format!("refused: {cause}"),
+                });
+            }
+        }
         self.storage
-            .update_charge(&charge, expected, None, &[event], &audit)
+            .update_charge(&charge, expected, None, &events, &audit)
             .await
             .map_err(|e| self.state_conflict(e))?;
-        Ok(charge)
+        match refused {
+            None => Ok(charge),
+            Some(e) => Err(processor_refused(e, failed_code, operation)),
+        }
     }
 
     /// Refunds part or all of what was captured and not yet refunded (nor
@@ -709,6 +831,9 @@ impl Vault {
         amount: Option<i64>,
     ) -> ServiceResult<(ChargeRecord, RefundRecord)> {
         let mut charge = self.get_charge(ctx, id).await?;
+        if charge.pending_action.is_some() {
+            return Err(pending_conflict(&charge));
+        }
         if !charge.captured {
             return Err(ServiceError::invalid_state(
                 "charge_not_captured",
@@ -857,7 +982,8 @@ impl Vault {
     }
 
     /// Voids an uncaptured authorization, or abandons a charge waiting for
-    /// the CVV.
+    /// the CVV. A void is a pending action like a capture (see
+    /// `capture_charge`); a repeat while it is pending sends it again.
     pub async fn cancel_charge(&self, ctx: &Context, id: &str) -> ServiceResult<ChargeRecord> {
         let mut charge = self.get_charge(ctx, id).await?;
         if charge.captured {
@@ -866,23 +992,28 @@ impl Vault {
                 "a captured charge cannot be canceled; refund it instead",
             ));
         }
+        match charge.pending_action.as_deref() {
+            None | Some(ACTION_CANCEL) => {}
+            Some(_) => return Err(pending_conflict(&charge)),
+        }
         let awaiting_cvc = charge.status == STATUS_PENDING && charge.next_action.is_some();
-        if charge.status == STATUS_SUCCEEDED || awaiting_cvc {
+        if charge.status == STATUS_SUCCEEDED {
+            charge.pending_action = Some(ACTION_CANCEL.to_string());
+            charge.pending_amount = None;
             self.claim_charge(ctx, &mut charge, "charge.cancel", false)
                 .await?;
+            let audit = ctx.audit("charge.cancel", Some(&charge.id), "success");
+            return self.send_action(charge, audit).await;
         }
-        if charge.status == STATUS_SUCCEEDED {
-            let reference = charge.processor_ref.clone().unwrap_or_default();
-            self.processor
-                .void(&reference, &format!("{}/void", charge.id))
-                .await
-                .map_err(|e| processor_refused(e, "cancel_failed", "void"))?;
-        } else if !awaiting_cvc {
+        if !awaiting_cvc {
             return Err(ServiceError::invalid_state(
                 "charge_not_cancelable",
                 "only an uncaptured authorization or a charge awaiting the CVV can be canceled",
             ));
         }
+        // Nothing was authorized yet: no processor call.
+        self.claim_charge(ctx, &mut charge, "charge.cancel", false)
+            .await?;
         let expected = charge.version;
         charge.version += 1;
         charge.updated_at = now();
@@ -955,6 +1086,30 @@ impl Vault {
     /// on every node: the charge's version decides which node stores it.
     /// Returns how many charges were settled.
     pub async fn reconcile_charges(&self) -> ServiceResult<u64> {
+        self.reconcile_unsettled(Unsettled::Authorization, |c| self.reconcile_charge(c))
+            .await
+    }
+
+    /// Reconciliation of captures and voids still pending past
+    /// `payments.reconcile_after_secs` (their answer was lost or could not
+    /// be stored, or their node stopped during the call, and nobody
+    /// retried them): each is sent again under its idempotency key, so the
+    /// processor makes it at most once, and its outcome is stored with its
+    /// event. Returns how many were settled.
+    pub async fn reconcile_charge_actions(&self) -> ServiceResult<u64> {
+        self.reconcile_unsettled(Unsettled::Action, |c| self.reconcile_action(c))
+            .await
+    }
+
+    /// Runs `settle` on every charge of `kind` due for reconciliation.
+    async fn reconcile_unsettled<Settled>(
+        &self,
+        kind: Unsettled,
+        settle: impl Fn(ChargeRecord) -> Settled,
+    ) -> ServiceResult<u64>
+    where
+        Settled: std::future::Future<Output = ServiceResult<bool>>,
+    {
         let before = self.reconcile_cut();
         // Charges sent through another processor (the configuration
         // changed) are only that processor's to answer for.
@@ -962,13 +1117,39 @@ impl Vault {
         reconcile_pages(
             |after: (i64, String)| async move {
                 self.storage
-                    .unsettled_charges(processor, before, (after.0, &after.1), RECONCILE_PAGE)
+                    .unsettled_charges(kind, processor, before, (after.0, &after.1), RECONCILE_PAGE)
                     .await
             },
             |c: &ChargeRecord| (c.updated_at, c.id.clone()),
-            |c| self.reconcile_charge(c),
+            settle,
         )
         .await
+    }
+
+    /// Sends one pending capture or void again and stores its outcome;
+    /// whether it was stored.
+    async fn reconcile_action(&self, charge: ChargeRecord) -> ServiceResult<bool> {
+        let event = format!(
+            "charge.{}.reconcile",
+            charge.pending_action.as_deref().unwrap_or_default()
+        );
+        let mut audit = super::audit::system_entry(&event, Some(&charge.id), "success", None);
+        audit.merchant_id = Some(charge.merchant_id.clone());
+        match self.send_action(charge, audit).await {
+            Ok(_) => Ok(true),
+            Err(ServiceError::InvalidState {
+                code: "capture_failed" | "cancel_failed",
+                ..
+            }) => Ok(true),
+            // Lost again, or the database is out: the next round.
+            Err(ServiceError::Unavailable(_)) => Ok(false),
+            // A retry of the request, or another node, got there first.
+            Err(ServiceError::InvalidState {
+                code: "charge_changed",
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reconciliation of refunds still `pending` past

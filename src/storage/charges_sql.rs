@@ -16,7 +16,7 @@ use super::group::Pending;
 use super::payments_sql::charge_columns;
 use super::{AuditEntry, EventRecord, StorageError, StorageResult};
 
-/// Rows per multi-row statement: 22 binds each stays below both backends'
+/// Rows per multi-row statement: 24 binds each stays below both backends'
 /// limits on bound parameters.
 pub(super) const CHARGE_ROWS_PER_STATEMENT: usize = 400;
 
@@ -110,7 +110,9 @@ macro_rules! impl_charge_batch {
                         .push_bind(&c.processor_ref)
                         .push_bind(c.version)
                         .push_bind(c.created_at)
-                        .push_bind(c.updated_at);
+                        .push_bind(c.updated_at)
+                        .push_bind(&c.pending_action)
+                        .push_bind(c.pending_amount);
                 });
                 insert.build().execute(&mut *conn).await.map_err($err)?;
                 Ok(())
@@ -128,7 +130,8 @@ macro_rules! impl_charge_batch {
                      amount_captured = v.column3, amount_refunded = v.column4, \
                      failure_code = v.column5, failure_message = v.column6, \
                      next_action = v.column7, processor_ref = v.column8, \
-                     version = v.column9, updated_at = v.column10, card_id = v.column11 \
+                     version = v.column9, updated_at = v.column10, card_id = v.column11, \
+                     pending_action = v.column15, pending_amount = v.column16 \
                      FROM (",
                 );
                 update.push_values(rows, |mut row, (c, expected_version)| {
@@ -145,7 +148,9 @@ macro_rules! impl_charge_batch {
                         .push_bind(&c.card_id)
                         .push_bind(&c.merchant_id)
                         .push_bind(&c.id)
-                        .push_bind(*expected_version);
+                        .push_bind(*expected_version)
+                        .push_bind(&c.pending_action)
+                        .push_bind(c.pending_amount);
                 });
                 update.push(
                     ") AS v WHERE charges.merchant_id = v.column12 AND charges.id = v.column13 \

@@ -81,6 +81,21 @@ pub struct ChargeRecord {
     pub version: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// A capture or void sent (or about to be sent) to the processor whose
+    /// answer is not stored yet: `capture` or `cancel`.
+    pub pending_action: Option<String>,
+    /// The amount of a pending capture.
+    pub pending_amount: Option<i64>,
+}
+
+/// Which charges [`PaymentStore::unsettled_charges`] finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsettled {
+    /// Authorizations whose outcome is unknown: `processing`, or `pending`
+    /// with `processor_unavailable`.
+    Authorization,
+    /// Charges with a pending capture or void.
+    Action,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,13 +231,13 @@ pub trait ChargeStore: Send + Sync {
         audit: &AuditEntry,
     ) -> StorageResult<()>;
     async fn get_charge(&self, merchant_id: &str, id: &str) -> StorageResult<Option<ChargeRecord>>;
-    /// Charges of every merchant sent through `processor` whose outcome is
-    /// unknown and that last changed before `before`: `processing`, or
-    /// `pending` with `processor_unavailable`. In (`updated_at`, `id`)
-    /// order, after the cursor `after` (the last charge of the previous
-    /// page; `(i64::MIN, "")` to start).
+    /// Charges of every merchant sent through `processor` that last changed
+    /// before `before` and wait for a processor outcome of the `kind`
+    /// given. In (`updated_at`, `id`) order, after the cursor `after` (the
+    /// last charge of the previous page; `(i64::MIN, "")` to start).
     async fn unsettled_charges(
         &self,
+        kind: Unsettled,
         processor: &str,
         before: i64,
         after: (i64, &str),

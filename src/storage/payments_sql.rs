@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use super::common::{into_page, page_fetch_limit};
 use super::payments::{
     ChargeRecord, ChargeStore, DeliveryAttempt, DeliveryRecord, DueDelivery, EventRecord,
-    EventStore, LineItem, RefundRecord, TokenRecord, TokenStore, TokenTake, VerificationRecord,
-    VerificationStore, WebhookEndpointRecord, WebhookStore,
+    EventStore, LineItem, RefundRecord, TokenRecord, TokenStore, TokenTake, Unsettled,
+    VerificationRecord, VerificationStore, WebhookEndpointRecord, WebhookStore,
 };
 use super::{AuditEntry, Metadata, Page, PgStorage, SqliteStorage, StorageError, StorageResult};
 
@@ -95,7 +95,7 @@ macro_rules! charge_columns {
         "id, merchant_id, customer_id, card_id, amount, currency, status, captured, \
          amount_captured, amount_refunded, capture_requested, failure_code, failure_message, \
          next_action, description, metadata, line_items, processor, processor_ref, version, \
-         created_at, updated_at"
+         created_at, updated_at, pending_action, pending_amount"
     };
 }
 pub(super) use charge_columns;
@@ -124,6 +124,8 @@ struct ChargeRow {
     version: i64,
     created_at: i64,
     updated_at: i64,
+    pending_action: Option<String>,
+    pending_amount: Option<i64>,
 }
 
 impl TryFrom<ChargeRow> for ChargeRecord {
@@ -154,6 +156,8 @@ impl TryFrom<ChargeRow> for ChargeRecord {
             version: r.version,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            pending_action: r.pending_action,
+            pending_amount: r.pending_amount,
         })
     }
 }
@@ -667,33 +671,46 @@ macro_rules! impl_payment_stores {
 
             async fn unsettled_charges(
                 &self,
+                kind: Unsettled,
                 processor: &str,
                 before: i64,
                 after: (i64, &str),
                 limit: u32,
             ) -> StorageResult<Vec<ChargeRecord>> {
                 // The first condition is the predicate of the partial index
-                // `charges_unsettled`, written the same way so both
-                // planners use it.
-                let rows: Vec<ChargeRow> = sqlx::query_as(&$q(concat!(
-                    "SELECT ",
-                    charge_columns!(),
-                    " FROM charges WHERE status IN ('processing', 'pending') \
-                     AND updated_at < ? \
-                     AND (updated_at > ? OR (updated_at = ? AND id > ?)) \
-                     AND (status = 'processing' OR failure_code = 'processor_unavailable') \
-                     AND processor = ? \
-                     ORDER BY updated_at, id LIMIT ?"
-                )))
-                .bind(before)
-                .bind(after.0)
-                .bind(after.0)
-                .bind(after.1)
-                .bind(processor)
-                .bind(i64::from(limit))
-                .fetch_all(self.pool())
-                .await
-                .map_err($err)?;
+                // (`charges_unsettled`, `charges_pending_action`), written
+                // the same way so both planners use it.
+                let sql = match kind {
+                    Unsettled::Authorization => concat!(
+                        "SELECT ",
+                        charge_columns!(),
+                        " FROM charges WHERE status IN ('processing', 'pending') \
+                         AND updated_at < ? \
+                         AND (updated_at > ? OR (updated_at = ? AND id > ?)) \
+                         AND (status = 'processing' OR failure_code = 'processor_unavailable') \
+                         AND processor = ? \
+                         ORDER BY updated_at, id LIMIT ?"
+                    ),
+                    Unsettled::Action => concat!(
+                        "SELECT ",
+                        charge_columns!(),
+                        " FROM charges WHERE pending_action IS NOT NULL \
+                         AND updated_at < ? \
+                         AND (updated_at > ? OR (updated_at = ? AND id > ?)) \
+                         AND processor = ? \
+                         ORDER BY updated_at, id LIMIT ?"
+                    ),
+                };
+                let rows: Vec<ChargeRow> = sqlx::query_as(&$q(sql))
+                    .bind(before)
+                    .bind(after.0)
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(processor)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.pool())
+                    .await
+                    .map_err($err)?;
                 rows.into_iter().map(ChargeRecord::try_from).collect()
             }
 

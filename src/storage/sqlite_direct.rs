@@ -53,11 +53,12 @@ const INSERT_CHARGE: &str = concat!(
     "INSERT INTO charges (",
     charge_columns!(),
     ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-     ?18, ?19, ?20, ?21, ?22)"
+     ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
 );
 const UPDATE_CHARGE: &str = "UPDATE charges SET status = ?1, captured = ?2, \
      amount_captured = ?3, amount_refunded = ?4, failure_code = ?5, failure_message = ?6, \
-     next_action = ?7, processor_ref = ?8, version = ?9, updated_at = ?10, card_id = ?11 \
+     next_action = ?7, processor_ref = ?8, version = ?9, updated_at = ?10, card_id = ?11, \
+     pending_action = ?15, pending_amount = ?16 \
      WHERE merchant_id = ?12 AND id = ?13 AND version = ?14";
 const INSERT_EVENT: &str =
     "INSERT INTO events (id, merchant_id, type, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)";
@@ -306,6 +307,8 @@ fn insert_charges(
             c.version,
             c.created_at,
             c.updated_at,
+            c.pending_action,
+            c.pending_amount,
         ]);
         let outcome = row_outcome(conn, done)?.map(|_| ());
         settle(p, outcome, events, audit);
@@ -342,6 +345,8 @@ fn update_charges(
             c.merchant_id,
             c.id,
             p.write.expected_version,
+            c.pending_action,
+            c.pending_amount,
         ]);
         let outcome = row_outcome(conn, done)?.and_then(|rows| match rows {
             1 => Ok(()),

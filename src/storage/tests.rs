@@ -175,6 +175,7 @@ on_both_backends!(
     batched_charge_writes_check_versions_per_row,
     unsettled_charges_are_found,
     pending_refunds_are_found,
+    pending_charge_actions_are_found,
     deliveries_are_leased_once,
 );
 
@@ -1088,6 +1089,8 @@ fn charge(merchant: &str, id: &str) -> ChargeRecord {
         version: 0,
         created_at: 1_700_000_000,
         updated_at: 1_700_000_000,
+        pending_action: None,
+        pending_amount: None,
     }
 }
 
@@ -1143,7 +1146,7 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
         .unwrap();
     }
     let page = |after: (i64, &'static str), limit: u32| async move {
-        s.unsettled_charges("sandbox", 500, after, limit)
+        s.unsettled_charges(Unsettled::Authorization, "sandbox", 500, after, limit)
             .await
             .unwrap()
             .into_iter()
@@ -1161,7 +1164,7 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
     assert_eq!(page((300, "ch_other"), 10).await, ["ch_other2"]);
     assert_eq!(page((300, "ch_other2"), 10).await, Vec::<String>::new());
     assert_eq!(
-        s.unsettled_charges("http", 500, start, 10)
+        s.unsettled_charges(Unsettled::Authorization, "http", 500, start, 10)
             .await
             .unwrap()
             .into_iter()
@@ -1170,7 +1173,7 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
         ["ch_http"]
     );
     assert!(s
-        .unsettled_charges("sandbox", 100, start, 10)
+        .unsettled_charges(Unsettled::Authorization, "sandbox", 100, start, 10)
         .await
         .unwrap()
         .is_empty());
@@ -1189,6 +1192,89 @@ async fn unsettled_charges_are_found(s: &dyn Storage) {
     .await
     .unwrap();
     assert_eq!(page(start, 10).await, ["ch_stuck", "ch_other", "ch_other2"]);
+}
+
+/// Reconciliation's query for pending captures and voids: charges of
+/// every merchant with a pending action, unchanged since the cut, oldest
+/// change first; the action and its amount are stored and read back, and
+/// a charge whose action is settled is no longer found.
+async fn pending_charge_actions_are_found(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    let with = |merchant: &str, id: &str, action: Option<&str>, updated_at: i64| {
+        let mut c = charge(merchant, id);
+        c.status = "succeeded".to_string();
+        c.updated_at = updated_at;
+        c.pending_action = action.map(str::to_string);
+        c.pending_amount = (action == Some("capture")).then_some(1500);
+        c
+    };
+    let mut elsewhere = with("mer_a", "ch_http", Some("cancel"), 120);
+    elsewhere.processor = "http".to_string();
+    let capture = with("mer_a", "ch_capture", Some("capture"), 100);
+    for c in [
+        capture.clone(),
+        with("mer_b", "ch_cancel", Some("cancel"), 200),
+        with("mer_a", "ch_plain", None, 150),
+        with("mer_a", "ch_recent", Some("capture"), 1_000),
+        // An unknown authorization is the other query's.
+        ChargeRecord {
+            updated_at: 130,
+            ..charge("mer_a", "ch_processing")
+        },
+        elsewhere,
+    ] {
+        s.insert_charge(
+            &c,
+            &[],
+            &audit("charge.create", Some(&c.merchant_id), Some(&c.id)),
+        )
+        .await
+        .unwrap();
+    }
+    let page = |processor: &'static str, after: (i64, &'static str), limit: u32| async move {
+        s.unsettled_charges(Unsettled::Action, processor, 500, after, limit)
+            .await
+            .unwrap()
+    };
+    let start = (i64::MIN, "");
+    let found = page("sandbox", start, 10).await;
+    let ids: Vec<_> = found.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["ch_capture", "ch_cancel"]);
+    assert_eq!(
+        found[0], capture,
+        "the pending capture reads back as stored"
+    );
+    assert_eq!(found[1].pending_action.as_deref(), Some("cancel"));
+    assert_eq!(found[1].pending_amount, None);
+    let ids = |v: Vec<ChargeRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(ids(page("sandbox", start, 1).await), ["ch_capture"]);
+    assert_eq!(
+        ids(page("sandbox", (100, "ch_capture"), 10).await),
+        ["ch_cancel"]
+    );
+    assert_eq!(ids(page("http", start, 10).await), ["ch_http"]);
+    // The update that stores the outcome clears the action.
+    let mut done = capture.clone();
+    done.captured = true;
+    done.amount_captured = 1500;
+    done.pending_action = None;
+    done.pending_amount = None;
+    done.version += 1;
+    s.update_charge(
+        &done,
+        capture.version,
+        None,
+        &[],
+        &audit("charge.capture", Some("mer_a"), Some("ch_capture")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(page("sandbox", start, 10).await), ["ch_cancel"]);
+    assert_eq!(
+        s.get_charge("mer_a", "ch_capture").await.unwrap().unwrap(),
+        done
+    );
 }
 
 /// Refund reconciliation's query: `pending` refunds of every merchant

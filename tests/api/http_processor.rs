@@ -19,13 +19,15 @@ use crate::support::*;
 struct Fake {
     /// How long every authorization waits before it is answered.
     hang: Duration,
-    /// How long every refund waits before it is answered (it is made).
-    refund_hang: Duration,
+    /// How long every `refund`, `capture` or `void` named here waits before
+    /// it is answered (it is made).
+    op_hang: std::collections::HashMap<&'static str, Duration>,
     /// Operations (`refund`, `capture`, `void`) refused with HTTP 422.
     refuse: Vec<&'static str>,
-    /// A PostgreSQL database whose other connections the next refund cuts
-    /// before it answers (the vault's database goes away meanwhile).
-    cut_db_on_refund: Option<String>,
+    /// An operation and a PostgreSQL database whose other connections the
+    /// next such request cuts before it answers (the vault's database goes
+    /// away meanwhile).
+    cut_db_on: Option<(&'static str, String)>,
     /// What a lookup of a reference answers (else `not_found`).
     found: std::collections::HashMap<String, Value>,
     /// (path, body) of every request.
@@ -45,7 +47,7 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                   body: String| {
                 let state = Arc::clone(&s);
                 async move {
-                    let (hang, refund_hang, refuse, found, cut_db) = {
+                    let (hang, op_hang, refuse, found, cut_db) = {
                         let mut st = state.lock().unwrap();
                         st.requests.push((op.clone(), body.clone()));
                         let key = headers
@@ -60,22 +62,21 @@ async fn fake_processor() -> (String, Arc<Mutex<Fake>>) {
                             .unwrap_or_default();
                         (
                             st.hang,
-                            st.refund_hang,
+                            st.op_hang.get(op.as_str()).copied().unwrap_or_default(),
                             st.refuse.iter().any(|r| *r == op),
                             st.found.get(&reference).cloned(),
-                            if op == "refund" {
-                                st.cut_db_on_refund.take()
-                            } else {
-                                None
+                            match &st.cut_db_on {
+                                Some((cut_op, _)) if *cut_op == op => {
+                                    st.cut_db_on.take().map(|(_, url)| url)
+                                }
+                                _ => None,
                             },
                         )
                     };
                     if let Some(url) = cut_db {
                         cut_connections(&url).await;
                     }
-                    if op == "refund" {
-                        tokio::time::sleep(refund_hang).await;
-                    }
+                    tokio::time::sleep(op_hang).await;
                     if refuse {
                         return (
                             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -564,7 +565,10 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
     let path = format!("/v1/charges/{id}/refunds");
 
     // The processor makes the refund, but its answer is lost.
-    fake.lock().unwrap().refund_hang = Duration::from_secs(1);
+    fake.lock()
+        .unwrap()
+        .op_hang
+        .insert("refund", Duration::from_secs(1));
     let send = || {
         app.call_with_headers(
             Method::POST,
@@ -586,7 +590,7 @@ async fn lost_refund_answers_are_reconciled(backend: Backend, mode: CryptoMode) 
             .map(|v| v.to_str().unwrap()),
         Some("true")
     );
-    fake.lock().unwrap().refund_hang = Duration::ZERO;
+    fake.lock().unwrap().op_hang.clear();
     // Its amount is held until it is settled.
     let (s, e) = app.post(&path, &m.sk, json!({"amount": 500})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
@@ -772,6 +776,7 @@ async fn refused_captures_and_voids_say_so(backend: Backend, mode: CryptoMode) {
         let (_, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
         assert_eq!(got["status"], "succeeded", "{got}");
         assert_eq!(got["captured"], false, "{got}");
+        assert_eq!(got["pending_action"], Value::Null, "{got}");
     }
     fake.lock().unwrap().refuse.clear();
     let (s, c) = app
@@ -787,6 +792,114 @@ async fn refused_captures_and_voids_say_so(backend: Backend, mode: CryptoMode) {
 }
 matrix!(refused_captures_and_voids_say_so);
 
+/// A capture or a void whose answer was lost stays on the charge as its
+/// pending action (503, shown in the charge, blocking what would race it);
+/// a retry sends it again under the same processor idempotency key, and
+/// reconciliation does so for a charge nobody retried, so the charge ends
+/// up showing what the processor did, with its event.
+async fn lost_captures_and_voids_are_reconciled(backend: Backend, mode: CryptoMode) {
+    let (app, fake, m, cus) = hanging_app(backend, mode, 300, 0, |cfg| {
+        cfg.payments.reconcile_interval_secs = 1;
+        // Long enough for the retry below to come first.
+        cfg.payments.reconcile_after_secs = 4;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, ch) = app
+            .post(
+                "/v1/charges",
+                &m.sk,
+                json!({"amount": 900, "currency": "usd", "customer": cus, "capture": false}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ch}");
+        ids.push(ch["id"].as_str().unwrap().to_string());
+    }
+    let (capture, cancel) = (&ids[0], &ids[1]);
+    let op = |id: &str, op: &str| format!("/v1/charges/{id}/{op}");
+    {
+        let mut f = fake.lock().unwrap();
+        f.op_hang.insert("capture", Duration::from_secs(1));
+        f.op_hang.insert("void", Duration::from_secs(1));
+    }
+    let (s, e) = app
+        .post(&op(capture, "capture"), &m.sk, json!({"amount": 600}))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    let (s, e) = app.post(&op(cancel, "cancel"), &m.sk, json!({})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+
+    // Each charge shows its pending action, and what would race it is
+    // refused.
+    let (_, got) = app.get(&format!("/v1/charges/{capture}"), &m.sk).await;
+    assert_eq!(got["captured"], false, "{got}");
+    assert_eq!(
+        got["pending_action"],
+        json!({"type": "capture", "amount": 600}),
+        "{got}"
+    );
+    let (_, got) = app.get(&format!("/v1/charges/{cancel}"), &m.sk).await;
+    assert_eq!(got["status"], "succeeded", "{got}");
+    assert_eq!(got["pending_action"], json!({"type": "cancel"}), "{got}");
+    for (path, body, code) in [
+        (
+            op(capture, "capture"),
+            json!({"amount": 500}),
+            "capture_pending",
+        ),
+        (op(capture, "cancel"), json!({}), "capture_pending"),
+        (op(capture, "refunds"), json!({}), "capture_pending"),
+        (op(cancel, "capture"), json!({}), "cancel_pending"),
+    ] {
+        let (s, e) = app.post(&path, &m.sk, body).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{path}: {e}");
+        assert_eq!(e["error"]["code"], code, "{path}: {e}");
+    }
+    fake.lock().unwrap().op_hang.clear();
+
+    // A retry of the void sends it again and stores it.
+    let (s, c) = app.post(&op(cancel, "cancel"), &m.sk, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["status"], "canceled", "{c}");
+    assert_eq!(c["pending_action"], Value::Null, "{c}");
+
+    // Nobody retries the capture: reconciliation sends it again.
+    let started = std::time::Instant::now();
+    let got = loop {
+        let (_, got) = app.get(&format!("/v1/charges/{capture}"), &m.sk).await;
+        if got["captured"] == true {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the lost capture was never reconciled: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(got["amount_captured"], 600, "{got}");
+    assert_eq!(got["pending_action"], Value::Null, "{got}");
+
+    // Each was sent twice, under its one key.
+    assert_eq!(
+        keys_of(&fake, "capture"),
+        vec![format!("{capture}/capture"); 2]
+    );
+    assert_eq!(keys_of(&fake, "void"), vec![format!("{cancel}/void"); 2]);
+    let kinds = event_kinds(&app, &m.sk).await;
+    for (kind, id) in [("charge.captured", capture), ("charge.canceled", cancel)] {
+        assert!(
+            kinds.contains(&(kind.to_string(), id.clone())),
+            "{kind} {id}: {kinds:?}"
+        );
+    }
+    // The captured charge is refundable now.
+    let (s, r) = app.post(&op(capture, "refunds"), &m.sk, json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["amount"], 600, "{r}");
+}
+matrix!(lost_captures_and_voids_are_reconciled);
+
 /// The processor makes a refund but the vault's database goes away before
 /// the outcome is stored: the refund is answered as stored, `pending`
 /// (never 503, which would invite a second refund), and reconciliation
@@ -796,7 +909,7 @@ matrix!(refused_captures_and_voids_say_so);
 async fn refund_outcome_survives_a_database_cut() {
     let (app, fake, m, id) =
         reconciling_app_with_charge(Backend::Postgres, CryptoMode::Envelope, 2_000, 1, 700).await;
-    fake.lock().unwrap().cut_db_on_refund = Some(app.db_url.clone());
+    fake.lock().unwrap().cut_db_on = Some(("refund", app.db_url.clone()));
     let (s, r) = app
         .post(
             &format!("/v1/charges/{id}/refunds"),
@@ -824,6 +937,55 @@ async fn refund_outcome_survives_a_database_cut() {
     assert!(keys.len() >= 2, "{keys:?}");
     assert!(
         keys.iter().all(|k| k == r["id"].as_str().unwrap()),
+        "{keys:?}"
+    );
+}
+
+/// The processor makes a capture but the vault's database goes away before
+/// the outcome is stored: the request answers 503, and the capture, stored
+/// as the charge's pending action before the call, is sent again by
+/// reconciliation (same key) and stored once the database is back.
+/// PostgreSQL only: its sessions can be cut from outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_outcome_survives_a_database_cut() {
+    let (app, fake, m, cus) =
+        hanging_app(Backend::Postgres, CryptoMode::Envelope, 2_000, 0, |cfg| {
+            cfg.payments.reconcile_interval_secs = 1;
+            cfg.payments.reconcile_after_secs = 1;
+        })
+        .await;
+    let (s, ch) = app
+        .post(
+            "/v1/charges",
+            &m.sk,
+            json!({"amount": 800, "currency": "usd", "customer": cus, "capture": false}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ch}");
+    let id = ch["id"].as_str().unwrap().to_string();
+    fake.lock().unwrap().cut_db_on = Some(("capture", app.db_url.clone()));
+    let (s, e) = app
+        .post(&format!("/v1/charges/{id}/capture"), &m.sk, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    let started = std::time::Instant::now();
+    let got = loop {
+        let (s, got) = app.get(&format!("/v1/charges/{id}"), &m.sk).await;
+        if s == StatusCode::OK && got["captured"] == true {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reconciled: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(got["amount_captured"], 800, "{got}");
+    assert_eq!(got["pending_action"], Value::Null, "{got}");
+    let keys = keys_of(&fake, "capture");
+    assert!(keys.len() >= 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| *k == format!("{id}/capture")),
         "{keys:?}"
     );
 }
