@@ -242,11 +242,15 @@ macro_rules! impl_hosted_store {
             }
 
             async fn sweep_capture_sessions(&self, before: i64) -> StorageResult<u64> {
+                // A transaction of its own so that, on SQLite, it takes its
+                // turn at the write gate instead of polling for the lock.
+                let mut tx = $begin(self).await?;
                 let done = sqlx::query(&$q("DELETE FROM capture_sessions WHERE expires_at < ?"))
                     .bind(before)
-                    .execute(self.pool())
+                    .execute(&mut *tx)
                     .await
                     .map_err($err)?;
+                tx.commit().await.map_err($err)?;
                 Ok(done.rows_affected())
             }
 

@@ -1121,6 +1121,9 @@ macro_rules! impl_payment_stores {
             }
 
             async fn record_delivery(&self, a: &DeliveryAttempt) -> StorageResult<()> {
+                // A transaction of its own so that, on SQLite, it takes its
+                // turn at the write gate instead of polling for the lock.
+                let mut tx = $begin(self).await?;
                 sqlx::query(&$q(
                     "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = ?, \
                      last_status = ?, last_error = ?, updated_at = ? WHERE seq = ?",
@@ -1132,9 +1135,10 @@ macro_rules! impl_payment_stores {
                 .bind(&a.last_error)
                 .bind(a.at)
                 .bind(a.seq)
-                .execute(self.pool())
+                .execute(&mut *tx)
                 .await
                 .map_err($err)?;
+                tx.commit().await.map_err($err)?;
                 Ok(())
             }
         }

@@ -1375,8 +1375,10 @@ async fn pending_refunds_are_found(s: &dyn Storage) {
 
 /// Delivery leasing: of two workers asking at once, each due delivery goes
 /// to exactly one; a leased delivery is due again only once its lease ends.
-async fn deliveries_are_leased_once(s: &dyn Storage) {
-    merchant(s, "mer_a", 1).await;
+/// `n` charges of `mer_a` (which must exist), each with a
+/// `charge.succeeded` event for the endpoint `we_1`, created here: `n`
+/// deliveries, due from 1_700_000_000 s.
+async fn charges_with_deliveries(s: &dyn Storage, n: usize) {
     let endpoint = WebhookEndpointRecord {
         id: "we_1".to_string(),
         merchant_id: "mer_a".to_string(),
@@ -1391,7 +1393,7 @@ async fn deliveries_are_leased_once(s: &dyn Storage) {
     )
     .await
     .unwrap();
-    for i in 0..12 {
+    for i in 0..n {
         let c = charge("mer_a", &format!("ch_{i}"));
         s.insert_charge(
             &c,
@@ -1401,6 +1403,11 @@ async fn deliveries_are_leased_once(s: &dyn Storage) {
         .await
         .unwrap();
     }
+}
+
+async fn deliveries_are_leased_once(s: &dyn Storage) {
+    merchant(s, "mer_a", 1).await;
+    charges_with_deliveries(s, 12).await;
     // The events were created at 1_700_000_000 s: due from then, in ms.
     let now = 1_700_000_000_000 + 1;
     let lease = now + 60_000;
@@ -2266,7 +2273,8 @@ async fn lean_pool_replaces_connections_the_server_ended() {
 }
 
 /// On SQLite, write transactions outside the group commit (customer
-/// updates here) take turns with the writer's batches through the write
+/// updates, webhook delivery results, the capture-session sweep here) take
+/// turns with the writer's batches through the write
 /// gate: mixed with a stream of batched card inserts, every one of them
 /// gets through, and so does every card (the gate and the writer never wait
 /// for each other). This run is too short to show the starvation the gate
@@ -2293,11 +2301,45 @@ async fn sqlite_writes_outside_the_writer_get_their_turn() {
         s.update_customer("mer_a", &format!("cus_{}", 1 + i % 3), &update)
             .await
     });
-    let (inserted, updated) = tokio::join!(
+    // Background writes: webhook delivery results and the capture-session
+    // sweep.
+    charges_with_deliveries(s, 20).await;
+    let now = 1_700_000_000_000 + 1;
+    let due = s.due_deliveries(now, now + 60_000, 50).await.unwrap();
+    assert_eq!(due.len(), 20);
+    let results = due.iter().map(|d| async move {
+        let attempt = DeliveryAttempt {
+            seq: d.seq,
+            attempts: 1,
+            status: "delivered".to_string(),
+            next_attempt_at: now,
+            last_status: Some(200),
+            last_error: None,
+            at: now,
+        };
+        s.record_delivery(&attempt).await
+    });
+    let sweeps = (0..5).map(|_| s.sweep_capture_sessions(now));
+    let (inserted, updated, recorded, swept) = tokio::join!(
         futures_util::future::join_all(inserts),
-        futures_util::future::join_all(updates)
+        futures_util::future::join_all(updates),
+        futures_util::future::join_all(results),
+        futures_util::future::join_all(sweeps)
     );
     assert!(inserted.iter().all(Result::is_ok), "{inserted:?}");
     assert!(updated.iter().all(Result::is_ok), "{updated:?}");
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    assert!(swept.iter().all(Result::is_ok), "{swept:?}");
     assert_eq!(s.list_cards("mer_a", "cus_1").await.unwrap().len(), 200);
+    // The cards' events have deliveries of their own, still pending.
+    let recorded: BTreeSet<String> = due.iter().map(|d| d.event.id.clone()).collect();
+    let delivered: BTreeSet<String> = s
+        .list_deliveries("mer_a", "we_1", 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.status == "delivered")
+        .map(|d| d.event_id)
+        .collect();
+    assert_eq!(delivered, recorded);
 }
