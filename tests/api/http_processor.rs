@@ -189,6 +189,31 @@ async fn reconciling_app_with_charge(
     (app, fake, m, id)
 }
 
+/// Ids of `n` new authorized, uncaptured charges of `amount` (USD) on the
+/// customer's default card.
+async fn uncaptured_charges(
+    app: &TestApp,
+    sk: &str,
+    customer: &str,
+    amount: i64,
+    n: usize,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let (s, ch) = app
+            .post(
+                "/v1/charges",
+                sk,
+                json!({"amount": amount, "currency": "usd", "customer": customer, "capture": false}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ch}");
+        assert_eq!(ch["status"], "succeeded", "{ch}");
+        ids.push(ch["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
 /// The Idempotency-Key of every `op` request the fake received.
 fn keys_of(fake: &Arc<Mutex<Fake>>, op: &str) -> Vec<String> {
     fake.lock()
@@ -751,18 +776,7 @@ async fn refused_captures_and_voids_say_so(backend: Backend, mode: CryptoMode) {
     let m = app.merchant(false).await;
     let cus = app.customer(&m.sk, "refused@example.com").await;
     app.card(&m.sk, &cus, &random_visa()).await;
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let (s, ch) = app
-            .post(
-                "/v1/charges",
-                &m.sk,
-                json!({"amount": 900, "currency": "usd", "customer": cus, "capture": false}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{ch}");
-        ids.push(ch["id"].as_str().unwrap().to_string());
-    }
+    let ids = uncaptured_charges(&app, &m.sk, &cus, 900, 2).await;
     fake.lock().unwrap().refuse = vec!["capture", "void"];
     for (id, op, code) in [
         (&ids[0], "capture", "capture_failed"),
@@ -804,18 +818,7 @@ async fn lost_captures_and_voids_are_reconciled(backend: Backend, mode: CryptoMo
         cfg.payments.reconcile_after_secs = 4;
     })
     .await;
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let (s, ch) = app
-            .post(
-                "/v1/charges",
-                &m.sk,
-                json!({"amount": 900, "currency": "usd", "customer": cus, "capture": false}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{ch}");
-        ids.push(ch["id"].as_str().unwrap().to_string());
-    }
+    let ids = uncaptured_charges(&app, &m.sk, &cus, 900, 2).await;
     let (capture, cancel) = (&ids[0], &ids[1]);
     let op = |id: &str, op: &str| format!("/v1/charges/{id}/{op}");
     {
@@ -954,15 +957,9 @@ async fn capture_outcome_survives_a_database_cut() {
             cfg.payments.reconcile_after_secs = 1;
         })
         .await;
-    let (s, ch) = app
-        .post(
-            "/v1/charges",
-            &m.sk,
-            json!({"amount": 800, "currency": "usd", "customer": cus, "capture": false}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{ch}");
-    let id = ch["id"].as_str().unwrap().to_string();
+    let id = uncaptured_charges(&app, &m.sk, &cus, 800, 1)
+        .await
+        .remove(0);
     fake.lock().unwrap().cut_db_on = Some(("capture", app.db_url.clone()));
     let (s, e) = app
         .post(&format!("/v1/charges/{id}/capture"), &m.sk, json!({}))
