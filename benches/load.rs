@@ -394,8 +394,8 @@ fn main() {
             let base = format!("https://localhost:{}", server.port);
             let pid = server.child.id();
             println!("\n## {backend} / {mode}\n");
-            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | peak RSS MiB |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | reads/query | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             rt.block_on(async {
                 let clients: Vec<_> = (0..opts.connections)
                     .map(|_| client(&cert, server.port))
@@ -410,6 +410,14 @@ fn main() {
                     let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
                     let units = delta(&after, &before, "cardvault_db_write_units_total");
                     let batches = delta(&after, &before, "cardvault_db_write_batches_total");
+                    // Reads per batched read query (PostgreSQL).
+                    let read_queries = delta(&after, &before, "cardvault_db_read_batches_total");
+                    let per_query = if read_queries == 0.0 {
+                        "-".to_string()
+                    } else {
+                        let reads = delta(&after, &before, "cardvault_db_batched_reads_total");
+                        format!("{:.1}", reads / read_queries)
+                    };
                     // Writes per commit, and the writer's milliseconds per
                     // batch in its three phases (units / flush / commit).
                     let (per_commit, batch_ms) = if batches == 0.0 {
@@ -448,7 +456,7 @@ fn main() {
                         .map(|h| format!("{:.0}%", 100.0 * rps / h))
                         .unwrap_or_else(|| "-".into());
                     println!(
-                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {:.0} |",
+                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {per_query} | {:.0} |",
                         pct(&l, 0.50),
                         pct(&l, 0.90),
                         pct(&l, 0.99),

@@ -356,7 +356,7 @@ async fn metrics(State(state): State<AppState>, req: Request) -> Response {
     if !metrics_allowed(req.extensions().get::<PeerAddr>()) {
         return not_found().await.into_response();
     }
-    let (hsm, writes) = state.vault.counters();
+    let (hsm, writes, reads) = state.vault.counters();
     let requests = REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
     let mut out = String::new();
     for (name, help, value) in [
@@ -379,6 +379,16 @@ async fn metrics(State(state): State<AppState>, req: Request) -> Response {
             "cardvault_db_write_units_total",
             "Write units committed in those transactions.",
             writes.units,
+        ),
+        (
+            "cardvault_db_read_batches_total",
+            "Batched read queries sent (PostgreSQL card and wallet reads).",
+            reads.queries,
+        ),
+        (
+            "cardvault_db_batched_reads_total",
+            "Reads those batched queries answered.",
+            reads.reads,
         ),
     ] {
         out.push_str(&format!(

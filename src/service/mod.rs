@@ -196,10 +196,17 @@ impl Vault {
 
     /// Counters for `/metrics`: HSM operations, and what the group-commit
     /// writer has committed and how long it took.
-    pub fn counters(&self) -> (u64, crate::storage::GroupSnapshot) {
+    pub fn counters(
+        &self,
+    ) -> (
+        u64,
+        crate::storage::GroupSnapshot,
+        crate::storage::ReadBatchStats,
+    ) {
         (
             self.keyring.hsm_operations(),
             self.storage.group_commit_stats(),
+            self.storage.read_batch_stats(),
         )
     }
 

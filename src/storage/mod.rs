@@ -10,6 +10,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+mod batch;
 mod cards_sql;
 pub mod chain;
 mod charges_sql;
@@ -576,6 +577,18 @@ pub trait Storage:
     /// What the group-commit writer has committed so far, and the time it
     /// took.
     fn group_commit_stats(&self) -> GroupSnapshot;
+    /// Batched read queries run so far and the reads they answered (see
+    /// `batch`); zero where reads are not batched (SQLite).
+    fn read_batch_stats(&self) -> ReadBatchStats {
+        ReadBatchStats::default()
+    }
+}
+
+/// Totals of the batched reads: queries sent, and reads they answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadBatchStats {
+    pub queries: u64,
+    pub reads: u64,
 }
 
 /// Opens the storage named by `url` (`sqlite://path` or `postgres://…`).

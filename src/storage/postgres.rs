@@ -9,6 +9,7 @@
 //! default, default promotion, dedupe by fingerprint) serialise without
 //! deadlocks.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use sqlx::error::DatabaseError;
 use sqlx::postgres::{PgConnectOptions, PgExecutor, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
+use super::batch::ReadBatcher;
 use super::common::{
     self, api_key_columns, audit_columns, card_columns, customer_columns, data_key_columns,
     ApiKeyRow, AuditDbRow, CardRow, CardViewRow, CustomerJson, CustomerRow, DataKeyRow,
@@ -40,12 +42,24 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// before it is told the database is unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Batched reads of one kind running at once (see [`super::batch`]). Two
+/// keep a query running while the previous one's answers go out; more
+/// would split the same reads into smaller batches.
+const READ_QUERIES_IN_FLIGHT: usize = 2;
+/// Most keys one batched read carries.
+const READ_BATCH: usize = 128;
+
 /// Storage in a PostgreSQL database.
 #[derive(Clone, Debug)]
 pub struct PgStorage {
     pool: PgPool,
     /// Single statements outside transactions (see [`super::lean`]).
     reads: LeanPool<Postgres>,
+    /// Cards by (merchant, id), with their default flag, read in batches
+    /// (see [`super::batch`]).
+    pub(super) card_views: ReadBatcher<(String, String), Option<(CardRecord, bool)>>,
+    /// Wallets by (merchant, customer), read in batches.
+    pub(super) wallets: ReadBatcher<(String, String), Vec<(CardRecord, bool)>>,
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Postgres>,
     /// MACs the audit chain; appends fail until it is installed.
@@ -85,6 +99,22 @@ impl PgStorage {
             .await
             .map_err(db_err)?;
         let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
+        let card_views = ReadBatcher::new(
+            READ_QUERIES_IN_FLIGHT,
+            READ_BATCH,
+            Box::new({
+                let reads = reads.clone();
+                move |keys| Box::pin(card_views(reads.clone(), keys))
+            }),
+        );
+        let wallets = ReadBatcher::new(
+            READ_QUERIES_IN_FLIGHT,
+            READ_BATCH,
+            Box::new({
+                let reads = reads.clone();
+                move |keys| Box::pin(wallets(reads.clone(), keys))
+            }),
+        );
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         Ok(PgStorage {
             writer: GroupCommit::start(
@@ -97,6 +127,8 @@ impl PgStorage {
             )?,
             pool,
             reads,
+            card_views,
+            wallets,
             sealer,
         })
     }
@@ -152,6 +184,89 @@ impl GroupBackend for Postgres {
             Ok(())
         })
     }
+}
+
+/// Cards of a batch of (merchant, card id) keys, each with its default
+/// flag. Each key is looked up on its own through the card id index
+/// (`LATERAL`), whatever the planner thinks of the arrays' sizes.
+pub(super) const CARD_VIEWS_SQL: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    ", is_default FROM unnest($1::text[], $2::text[]) AS k(key_merchant, key_card) \
+     CROSS JOIN LATERAL (SELECT ",
+    card_columns!(),
+    ", coalesce((SELECT default_card_id FROM customers \
+     WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+     FROM cards WHERE cards.merchant_id = k.key_merchant AND cards.id = k.key_card) c"
+);
+
+/// Wallets of a batch of (merchant, customer) keys, each card with its
+/// default flag, walked through the wallet index key by key.
+pub(super) const WALLETS_SQL: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    ", is_default FROM unnest($1::text[], $2::text[]) AS k(key_merchant, key_customer) \
+     CROSS JOIN LATERAL (SELECT seq, ",
+    card_columns!(),
+    ", coalesce((SELECT default_card_id FROM customers \
+     WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
+     FROM cards WHERE cards.merchant_id = k.key_merchant \
+     AND cards.customer_id = k.key_customer) c ORDER BY c.seq"
+);
+
+/// The card view of each (merchant, card) key, in key order: one query
+/// for a batch of reads.
+async fn card_views(
+    reads: LeanPool<Postgres>,
+    keys: Vec<(String, String)>,
+) -> StorageResult<Vec<Option<(CardRecord, bool)>>> {
+    let (merchants, cards): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
+    let rows: Vec<CardViewRow> = sqlx::query_as(CARD_VIEWS_SQL)
+        .bind(&merchants)
+        .bind(&cards)
+        .fetch_all(&reads)
+        .await
+        .map_err(db_err)?;
+    let mut found: HashMap<(String, String), (CardRecord, bool)> = rows
+        .into_iter()
+        .map(|row| {
+            let (card, is_default) = row.into_view();
+            (
+                (card.merchant_id.clone(), card.id.clone()),
+                (card, is_default),
+            )
+        })
+        .collect();
+    Ok(keys.iter().map(|k| found.remove(k)).collect())
+}
+
+/// The cards of each (merchant, customer) key, oldest first, in key
+/// order: one query for a batch of wallet reads.
+async fn wallets(
+    reads: LeanPool<Postgres>,
+    keys: Vec<(String, String)>,
+) -> StorageResult<Vec<Vec<(CardRecord, bool)>>> {
+    let (merchants, customers): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
+    let rows: Vec<CardViewRow> = sqlx::query_as(WALLETS_SQL)
+        .bind(&merchants)
+        .bind(&customers)
+        .fetch_all(&reads)
+        .await
+        .map_err(db_err)?;
+    let mut found: HashMap<(String, String), Vec<(CardRecord, bool)>> = HashMap::new();
+    for row in rows {
+        let (card, is_default) = row.into_view();
+        found
+            .entry((card.merchant_id.clone(), card.customer_id.clone()))
+            .or_default()
+            .push((card, is_default));
+    }
+    Ok(keys
+        .iter()
+        .map(|k| found.remove(k).unwrap_or_default())
+        .collect())
 }
 
 async fn fetch_customer(
@@ -540,7 +655,10 @@ impl CardStore for PgStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
-        fetch_card(&self.reads, merchant_id, card_id, false).await
+        Ok(self
+            .get_card_view(merchant_id, card_id)
+            .await?
+            .map(|(card, _)| card))
     }
 
     async fn get_card_view(
@@ -548,19 +666,9 @@ impl CardStore for PgStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<(CardRecord, bool)>> {
-        let row: Option<CardViewRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            card_columns!(),
-            ", coalesce((SELECT default_card_id FROM customers \
-             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
-             FROM cards WHERE merchant_id = $1 AND id = $2"
-        ))
-        .bind(merchant_id)
-        .bind(card_id)
-        .fetch_optional(&self.reads)
-        .await
-        .map_err(db_err)?;
-        Ok(row.map(CardViewRow::into_view))
+        self.card_views
+            .get((merchant_id.to_string(), card_id.to_string()))
+            .await
     }
 
     async fn list_card_views(
@@ -568,19 +676,9 @@ impl CardStore for PgStorage {
         merchant_id: &str,
         customer_id: &str,
     ) -> StorageResult<Vec<(CardRecord, bool)>> {
-        let rows: Vec<CardViewRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            card_columns!(),
-            ", coalesce((SELECT default_card_id FROM customers \
-             WHERE customers.id = cards.customer_id) = cards.id, false) AS is_default \
-             FROM cards WHERE merchant_id = $1 AND customer_id = $2 ORDER BY seq"
-        ))
-        .bind(merchant_id)
-        .bind(customer_id)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db_err)?;
-        Ok(rows.into_iter().map(CardViewRow::into_view).collect())
+        self.wallets
+            .get((merchant_id.to_string(), customer_id.to_string()))
+            .await
     }
 
     async fn list_cards(
@@ -923,5 +1021,14 @@ impl Storage for PgStorage {
 
     fn group_commit_stats(&self) -> super::GroupSnapshot {
         self.writer.stats().snapshot()
+    }
+
+    fn read_batch_stats(&self) -> super::ReadBatchStats {
+        let (q1, k1) = self.card_views.stats();
+        let (q2, k2) = self.wallets.stats();
+        super::ReadBatchStats {
+            queries: q1 + q2,
+            reads: k1 + k2,
+        }
     }
 }

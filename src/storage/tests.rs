@@ -177,6 +177,7 @@ on_both_backends!(
     pending_refunds_are_found,
     pending_charge_actions_are_found,
     deliveries_are_leased_once,
+    concurrent_card_reads_answer_each_key,
 );
 
 // ---------------------------------------------------------------- builders
@@ -704,6 +705,102 @@ async fn other_merchants_see_nothing(s: &dyn Storage) {
         audit_before + 1,
         "only the legitimate card.create was audited"
     );
+}
+
+/// Many card reads at once (on PostgreSQL they share batched queries):
+/// each gets exactly what it would get alone, for cards and wallets that
+/// exist, are missing, belong to another merchant or are asked for twice.
+async fn concurrent_card_reads_answer_each_key(s: &dyn Storage) {
+    use futures_util::future::join_all;
+    merchant(s, "mer_a", 1).await;
+    merchant(s, "mer_b", 2).await;
+    for c in 0..4u8 {
+        add_customer(s, "mer_a", &format!("cus_a{c}")).await;
+        for k in 0..3u8 {
+            add_card(
+                s,
+                &card(
+                    "mer_a",
+                    &format!("cus_a{c}"),
+                    &format!("card_a{c}{k}"),
+                    c * 10 + k,
+                ),
+            )
+            .await;
+        }
+    }
+    add_customer(s, "mer_a", "cus_empty").await;
+    add_customer(s, "mer_b", "cus_b").await;
+    add_card(s, &card("mer_b", "cus_b", "card_b", 99)).await;
+    // What each read gives when asked alone.
+    let card_keys: Vec<(&str, String)> = (0..4)
+        .flat_map(|c| (0..3).map(move |k| ("mer_a", format!("card_a{c}{k}"))))
+        .chain([
+            ("mer_a", "card_b".to_string()),
+            ("mer_b", "card_a00".to_string()),
+            ("mer_b", "card_b".to_string()),
+            ("mer_a", "card_missing".to_string()),
+        ])
+        .collect();
+    let wallet_keys: Vec<(&str, String)> = (0..4)
+        .map(|c| ("mer_a", format!("cus_a{c}")))
+        .chain([
+            ("mer_a", "cus_empty".to_string()),
+            ("mer_a", "cus_b".to_string()),
+            ("mer_b", "cus_a0".to_string()),
+            ("mer_b", "cus_b".to_string()),
+        ])
+        .collect();
+    let mut alone_views = Vec::new();
+    for (m, id) in &card_keys {
+        alone_views.push(s.get_card_view(m, id).await.unwrap());
+    }
+    let mut alone_wallets = Vec::new();
+    for (m, id) in &wallet_keys {
+        alone_wallets.push(s.list_card_views(m, id).await.unwrap());
+    }
+    assert_eq!(alone_views.iter().filter(|v| v.is_some()).count(), 13);
+    assert_eq!(alone_views[0].as_ref().map(|v| v.1), Some(true));
+    assert_eq!(alone_views[1].as_ref().map(|v| v.1), Some(false));
+    assert_eq!(
+        alone_wallets.iter().map(Vec::len).collect::<Vec<_>>(),
+        [3, 3, 3, 3, 0, 0, 0, 1]
+    );
+    assert_eq!(
+        ids(&alone_wallets[2], |v| v.0.id.as_str()),
+        ["card_a20", "card_a21", "card_a22"]
+    );
+    // The same reads, each five times, all at once and interleaved.
+    let views = join_all(
+        (0..5)
+            .flat_map(|_| card_keys.iter())
+            .map(|(m, id)| s.get_card_view(m, id)),
+    );
+    let wallets = join_all(
+        (0..5)
+            .flat_map(|_| wallet_keys.iter())
+            .map(|(m, id)| s.list_card_views(m, id)),
+    );
+    let cards = join_all(
+        (0..5)
+            .flat_map(|_| card_keys.iter())
+            .map(|(m, id)| s.get_card(m, id)),
+    );
+    let (views, wallets, cards) = tokio::join!(views, wallets, cards);
+    for (i, v) in views.into_iter().enumerate() {
+        assert_eq!(v.unwrap(), alone_views[i % card_keys.len()], "view {i}");
+    }
+    for (i, w) in wallets.into_iter().enumerate() {
+        assert_eq!(
+            w.unwrap(),
+            alone_wallets[i % wallet_keys.len()],
+            "wallet {i}"
+        );
+    }
+    for (i, c) in cards.into_iter().enumerate() {
+        let alone = alone_views[i % card_keys.len()].clone().map(|v| v.0);
+        assert_eq!(c.unwrap(), alone, "card {i}");
+    }
 }
 
 async fn card_lifecycle_and_default_card(s: &dyn Storage) {
@@ -1966,6 +2063,33 @@ async fn postgres_card_lookups_use_the_id_or_customer_index() {
             "cards_id_key",
         ),
     ];
+    // The batched reads look each key up through an index too.
+    let batched = [
+        (super::postgres::CARD_VIEWS_SQL, "cards_id_key"),
+        (super::postgres::WALLETS_SQL, "using cards_customer_"),
+    ];
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        sqlx::query(&format!("SET plan_cache_mode = {mode}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        for (i, (sql, index)) in batched.iter().enumerate() {
+            let name = format!("batched_{mode}_{i}");
+            sqlx::query(&format!("PREPARE {name} (text[], text[]) AS {sql}"))
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let plan: Vec<String> = sqlx::query_scalar(&format!(
+                "EXPLAIN EXECUTE {name} ('{{mer_1,mer_1}}', '{{card_1,card_2}}')"
+            ))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let plan = plan.join(" / ");
+            assert!(plan.contains(index), "{mode} {sql}: {plan}");
+            assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
+        }
+    }
     for mode in ["force_generic_plan", "force_custom_plan"] {
         sqlx::query(&format!("SET plan_cache_mode = {mode}"))
             .execute(&mut *conn)
@@ -1987,6 +2111,34 @@ async fn postgres_card_lookups_use_the_id_or_customer_index() {
             assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
         }
     }
+}
+
+/// Reads that arrive together on PostgreSQL share queries: 300 at once
+/// take a handful, two at a time at most.
+#[tokio::test]
+async fn postgres_concurrent_reads_share_queries() {
+    use futures_util::future::join_all;
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let s = db.storage();
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_a").await;
+    add_card(s, &card("mer_a", "cus_a", "card_a", 1)).await;
+    let (q0, k0) = s.card_views.stats();
+    let (w0, _) = s.wallets.stats();
+    let views = join_all((0..300).map(|_| s.get_card_view("mer_a", "card_a")));
+    let wallets = join_all((0..300).map(|_| s.list_card_views("mer_a", "cus_a")));
+    let (views, wallets) = tokio::join!(views, wallets);
+    assert!(views
+        .iter()
+        .all(|v| v.as_ref().unwrap().as_ref().unwrap().0.id == "card_a"));
+    assert!(wallets.iter().all(|w| w.as_ref().unwrap().len() == 1));
+    let (q1, k1) = s.card_views.stats();
+    let (w1, _) = s.wallets.stats();
+    assert_eq!(k1 - k0, 300);
+    assert!(q1 - q0 <= 2 + 300 / 128 + 1, "{} card queries", q1 - q0);
+    assert!(w1 - w0 <= 2 + 300 / 128 + 1, "{} wallet queries", w1 - w0);
 }
 
 #[tokio::test]
