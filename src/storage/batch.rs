@@ -221,20 +221,10 @@ where
         let answer = match (&outcome, index.get(&key)) {
             (Ok(values), Some(&i)) => Ok(values[i].clone()),
             (Ok(_), None) => Err(StorageError::Other("a batched key went missing".into())),
-            (Err(e), _) => Err(duplicate(e)),
+            (Err(e), _) => Err(e.duplicate()),
         };
         // A reader that went away no longer wants its answer.
         let _ = reply.send(answer);
-    }
-}
-
-/// The same error again, for each read of a failed batch.
-fn duplicate(e: &StorageError) -> StorageError {
-    match e {
-        StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
-        StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
-        StorageError::NotFound => StorageError::NotFound,
-        StorageError::Other(m) => StorageError::Other(m.clone()),
     }
 }
 
