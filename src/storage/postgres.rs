@@ -55,8 +55,9 @@ pub struct PgStorage {
     pool: PgPool,
     /// Single statements outside transactions (see [`super::lean`]).
     reads: LeanPool<Postgres>,
-    /// Cards by (merchant, id), with their default flag, read in batches
-    /// (see [`super::batch`]).
+    /// Cards by (merchant, id), read in batches (see [`super::batch`]).
+    pub(super) cards: ReadBatcher<(String, String), Option<CardRecord>>,
+    /// The same with their default flag (the card endpoints).
     pub(super) card_views: ReadBatcher<(String, String), Option<(CardRecord, bool)>>,
     /// Wallets by (merchant, customer), read in batches.
     pub(super) wallets: ReadBatcher<(String, String), Vec<(CardRecord, bool)>>,
@@ -99,22 +100,25 @@ impl PgStorage {
             .await
             .map_err(db_err)?;
         let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
-        let card_views = ReadBatcher::new(
-            READ_QUERIES_IN_FLIGHT,
-            READ_BATCH,
-            Box::new({
-                let reads = reads.clone();
-                move |keys| Box::pin(card_views(reads.clone(), keys))
-            }),
-        );
-        let wallets = ReadBatcher::new(
-            READ_QUERIES_IN_FLIGHT,
-            READ_BATCH,
-            Box::new({
-                let reads = reads.clone();
-                move |keys| Box::pin(wallets(reads.clone(), keys))
-            }),
-        );
+        let cards = batcher(&reads, |reads, keys| {
+            Box::pin(by_card_id::<CardRow, _>(
+                reads,
+                CARDS_SQL,
+                keys,
+                CardRecord::from,
+                |c| c,
+            ))
+        });
+        let card_views = batcher(&reads, |reads, keys| {
+            Box::pin(by_card_id(
+                reads,
+                CARD_VIEWS_SQL,
+                keys,
+                CardViewRow::into_view,
+                |(c, _)| c,
+            ))
+        });
+        let wallets = batcher(&reads, |reads, keys| Box::pin(wallets(reads, keys)));
         let sealer: Arc<super::chain::SealerCell> = Default::default();
         Ok(PgStorage {
             writer: GroupCommit::start(
@@ -127,6 +131,7 @@ impl PgStorage {
             )?,
             pool,
             reads,
+            cards,
             card_views,
             wallets,
             sealer,
@@ -186,9 +191,39 @@ impl GroupBackend for Postgres {
     }
 }
 
-/// Cards of a batch of (merchant, card id) keys, each with its default
-/// flag. Each key is looked up on its own through the card id index
-/// (`LATERAL`), whatever the planner thinks of the arrays' sizes.
+/// A read batcher over the lean pool, running `query` for each batch.
+fn batcher<V, F>(reads: &LeanPool<Postgres>, query: F) -> ReadBatcher<(String, String), V>
+where
+    V: Clone + Send + 'static,
+    F: Fn(
+            LeanPool<Postgres>,
+            Vec<(String, String)>,
+        ) -> futures_util::future::BoxFuture<'static, StorageResult<Vec<V>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let reads = reads.clone();
+    ReadBatcher::new(
+        READ_QUERIES_IN_FLIGHT,
+        READ_BATCH,
+        Box::new(move |keys| query(reads.clone(), keys)),
+    )
+}
+
+/// Cards of a batch of (merchant, card id) keys. Each key is looked up on
+/// its own through the card id index (`LATERAL`), whatever the planner
+/// thinks of the arrays' sizes.
+pub(super) const CARDS_SQL: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    " FROM unnest($1::text[], $2::text[]) AS k(key_merchant, key_card) \
+     CROSS JOIN LATERAL (SELECT ",
+    card_columns!(),
+    " FROM cards WHERE cards.merchant_id = k.key_merchant AND cards.id = k.key_card) c"
+);
+
+/// The same, each card with its default flag.
 pub(super) const CARD_VIEWS_SQL: &str = concat!(
     "SELECT ",
     card_columns!(),
@@ -214,28 +249,32 @@ pub(super) const WALLETS_SQL: &str = concat!(
      AND cards.customer_id = k.key_customer) c ORDER BY c.seq"
 );
 
-/// The card view of each (merchant, card) key, in key order: one query
-/// for a batch of reads.
-async fn card_views(
+/// The row of each (merchant, card) key of `sql` (one of the batched card
+/// reads), in key order: one query for a batch of reads.
+async fn by_card_id<R, T>(
     reads: LeanPool<Postgres>,
+    sql: &'static str,
     keys: Vec<(String, String)>,
-) -> StorageResult<Vec<Option<(CardRecord, bool)>>> {
-    let (merchants, cards): (Vec<&str>, Vec<&str>) =
+    into: fn(R) -> T,
+    card: fn(&T) -> &CardRecord,
+) -> StorageResult<Vec<Option<T>>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let (merchants, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
-    let rows: Vec<CardViewRow> = sqlx::query_as(CARD_VIEWS_SQL)
+    let rows: Vec<R> = sqlx::query_as(sql)
         .bind(&merchants)
-        .bind(&cards)
+        .bind(&ids)
         .fetch_all(&reads)
         .await
         .map_err(db_err)?;
-    let mut found: HashMap<(String, String), (CardRecord, bool)> = rows
+    let mut found: HashMap<(String, String), T> = rows
         .into_iter()
         .map(|row| {
-            let (card, is_default) = row.into_view();
-            (
-                (card.merchant_id.clone(), card.id.clone()),
-                (card, is_default),
-            )
+            let value = into(row);
+            let c = card(&value);
+            ((c.merchant_id.clone(), c.id.clone()), value)
         })
         .collect();
     Ok(keys.iter().map(|k| found.remove(k)).collect())
@@ -655,10 +694,9 @@ impl CardStore for PgStorage {
         merchant_id: &str,
         card_id: &str,
     ) -> StorageResult<Option<CardRecord>> {
-        Ok(self
-            .get_card_view(merchant_id, card_id)
-            .await?
-            .map(|(card, _)| card))
+        self.cards
+            .get((merchant_id.to_string(), card_id.to_string()))
+            .await
     }
 
     async fn get_card_view(
@@ -1024,11 +1062,17 @@ impl Storage for PgStorage {
     }
 
     fn read_batch_stats(&self) -> super::ReadBatchStats {
-        let (q1, k1) = self.card_views.stats();
-        let (q2, k2) = self.wallets.stats();
-        super::ReadBatchStats {
-            queries: q1 + q2,
-            reads: k1 + k2,
-        }
+        [
+            self.cards.stats(),
+            self.card_views.stats(),
+            self.wallets.stats(),
+        ]
+        .into_iter()
+        .fold(super::ReadBatchStats::default(), |t, (queries, reads)| {
+            super::ReadBatchStats {
+                queries: t.queries + queries,
+                reads: t.reads + reads,
+            }
+        })
     }
 }
