@@ -112,17 +112,35 @@ fn cmd(dir: &Path, db: &str, mode: &str) -> Command {
     c
 }
 
+fn pg_admin_url() -> String {
+    std::env::var("CARDVAULT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+fn pg_load_database() -> String {
+    format!("cv_load_{}", std::process::id())
+}
+
+/// Drops the load run's database (it holds every card the run added: a
+/// few hundred MB after a 10 s add_card).
+async fn drop_pg() {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+        let name = pg_load_database();
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
 async fn fresh_pg() -> String {
     use sqlx::Connection;
-    let admin = std::env::var("CARDVAULT_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let admin = pg_admin_url();
+    drop_pg().await;
     let mut conn = sqlx::PgConnection::connect(&admin)
         .await
         .expect("PostgreSQL");
-    let name = format!("cv_load_{}", std::process::id());
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await;
+    let name = pg_load_database();
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
@@ -468,6 +486,9 @@ fn main() {
                 }
             });
             drop(server);
+            if backend == "postgres" {
+                rt.block_on(drop_pg());
+            }
         }
     }
 }
