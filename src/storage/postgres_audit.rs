@@ -5,7 +5,7 @@
 //! other and the chain stays linear.
 
 use async_trait::async_trait;
-use sqlx::{Column, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
 use super::common::{
@@ -18,19 +18,8 @@ use super::{
     StorageResult,
 };
 
-/// Advisory lock key serialising audit appends ("cvaudit" in ASCII); the
-/// statement below spells it in decimal, and the test of the lock binds
-/// this value, so the two cannot drift apart unnoticed.
-#[cfg(test)]
+/// Advisory lock key serialising audit appends ("cvaudit" in ASCII).
 pub(super) const AUDIT_CHAIN_LOCK: i64 = 0x0063_7661_7564_6974;
-
-/// Takes the chain lock (transaction-scoped, key `AUDIT_CHAIN_LOCK` in
-/// decimal), then reads the head: two statements in one round trip. Each
-/// statement of the string takes its own snapshot (READ COMMITTED), so
-/// the head is read once the lock is held and sees every append committed
-/// before it.
-const LOCK_AND_READ_HEAD: &str = "SELECT pg_advisory_xact_lock(27996183647775092); \
-     SELECT hash AS head FROM audit_log ORDER BY seq DESC LIMIT 1";
 
 /// Appends `e` to the chain inside the caller's write transaction.
 pub(super) async fn insert_audit(
@@ -41,23 +30,23 @@ pub(super) async fn insert_audit(
     insert_audit_rows(conn, sealer, std::slice::from_ref(e)).await
 }
 
-/// Serialises appends across transactions and nodes until commit, and
-/// returns the chain head's hash (see [`LOCK_AND_READ_HEAD`]).
+/// Serialises appends across transactions and nodes until commit, then
+/// returns the chain head's hash. The head is read by a statement of its
+/// own, after the lock is held: under READ COMMITTED it then sees every
+/// append committed before. (One statement string with both, sent as one
+/// simple query, saved a round trip but was planned anew each time, and
+/// cost as much as the two prepared statements under load.)
 async fn lock_chain_head(conn: &mut PgConnection) -> StorageResult<Option<Vec<u8>>> {
-    // A statement string without arguments goes as one simple query.
-    let rows = sqlx::Executor::fetch_all(&mut *conn, LOCK_AND_READ_HEAD)
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_CHAIN_LOCK)
+        .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    // The lock's row has no `head` column; the head's row (none for an
-    // empty chain) has one.
-    let mut head = None;
-    for row in rows
-        .iter()
-        .filter(|r| r.columns().iter().any(|c| c.name() == "head"))
-    {
-        head = row.try_get::<Option<Vec<u8>>, _>("head").map_err(db_err)?;
-    }
-    Ok(head)
+    let head: Option<Option<Vec<u8>>> = sqlx::query_scalar(chain::HEAD_HASH)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(head.flatten())
 }
 
 chain::impl_insert_audit_rows!(sqlx::Postgres, PgConnection, db_err, lock_chain_head);

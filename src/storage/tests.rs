@@ -2207,6 +2207,45 @@ async fn postgres_appends_read_the_head_under_the_chain_lock() {
     assert_eq!(last.prev_hash.as_deref(), Some(other_hash.as_slice()));
 }
 
+/// A batch of appends that fails halfway (here a trigger refuses one
+/// entry after the batch's transaction began) fails its callers, and
+/// leaves no half-open transaction on the writer's connection: the next
+/// appends commit.
+#[tokio::test]
+async fn postgres_failed_append_batches_leave_nothing_open() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let s = db.storage();
+    s.append_audit(&audit("before", None, None)).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.event = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_log \
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let poison = audit("poison", None, None);
+    let r = s.append_audit(&poison).await;
+    assert!(r.is_err(), "{r:?}");
+    for i in 0..3 {
+        s.append_audit(&audit(&format!("after_{i}"), None, None))
+            .await
+            .unwrap();
+    }
+    let events: Vec<String> = s
+        .chain_rows(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry.event)
+        .collect();
+    assert_eq!(events, ["before", "after_0", "after_1", "after_2"]);
+}
+
 #[tokio::test]
 async fn sqlite_is_durable_and_schema_holds_no_pan() {
     let db = sqlite_db().await;
