@@ -12,7 +12,6 @@
 
 use super::common::card_columns;
 use super::group::PendingCard;
-use super::payments_sql::lifecycle;
 use super::{AuditEntry, CardInsert, EventRecord, StorageError, StorageResult};
 
 /// Cards per multi-row insert: 17 binds each stays below both backends'
@@ -26,7 +25,7 @@ pub(super) fn created(
     events: &mut Vec<EventRecord>,
     audit: &mut Vec<AuditEntry>,
 ) {
-    events.push(lifecycle::card_created(&p.write.card, p.write.audit.at));
+    events.push(p.write.event.clone());
     audit.push(p.write.audit.clone());
     p.resolve(Ok(CardInsert::Created { default }));
 }

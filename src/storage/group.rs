@@ -116,11 +116,24 @@ impl<W, R> Pending<W, R> {
     }
 }
 
-/// A card to insert, with its audit entry (its `card.created` event is
-/// made at the flush, once its default status is known).
+/// A card to insert, with its audit entry and its `card.created` event
+/// (written only if the card is).
 pub(super) struct NewCard {
     pub(super) card: CardRecord,
     pub(super) audit: AuditEntry,
+    pub(super) event: EventRecord,
+}
+
+impl NewCard {
+    /// The write of `card`. Its event is made here, on the caller's
+    /// thread: the writer, which every write waits for, only copies it.
+    pub(super) fn new(card: &CardRecord, audit: &AuditEntry) -> Self {
+        NewCard {
+            card: card.clone(),
+            audit: audit.clone(),
+            event: super::payments_sql::lifecycle::card_created(card, audit.at),
+        }
+    }
 }
 
 /// A charge to insert (its metadata and line items already encoded), with

@@ -670,10 +670,7 @@ impl CardStore for PgStorage {
     ) -> StorageResult<CardInsert> {
         let inserted = self
             .writer
-            .defer(super::group::NewCard {
-                card: card.clone(),
-                audit: audit.clone(),
-            })
+            .defer(super::group::NewCard::new(card, audit))
             .await;
         match inserted {
             Err(StorageError::Conflict(message)) => {

@@ -660,10 +660,7 @@ impl CardStore for SqliteStorage {
     ) -> StorageResult<CardInsert> {
         let inserted = self
             .writer
-            .defer(super::group::NewCard {
-                card: card.clone(),
-                audit: audit.clone(),
-            })
+            .defer(super::group::NewCard::new(card, audit))
             .await;
         match inserted {
             Err(StorageError::Conflict(message)) => {
