@@ -216,6 +216,48 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks of 1/100 s, the
+/// Linux default for `USER_HZ`).
+fn cpu_seconds(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name, which may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds used so far by every process named `postgres` (on a
+/// machine where PostgreSQL serves only this run, its share of the work).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| cpu_seconds(&pid))
+        .sum()
+}
+
+/// CPU seconds of the server, of PostgreSQL and of this load client.
+fn cpu_now(server: u32) -> [f64; 3] {
+    [
+        cpu_seconds(&server.to_string()),
+        postgres_cpu_seconds(),
+        cpu_seconds("self"),
+    ]
+}
+
 /// Fixtures: per connection, a wallet customer with three saved cards
 /// (read by get_card, list_cards, reveal and charge) and a customer that
 /// add_card fills, so listings stay the size a real wallet has.
@@ -412,8 +454,8 @@ fn main() {
             let base = format!("https://localhost:{}", server.port);
             let pid = server.child.id();
             println!("\n## {backend} / {mode}\n");
-            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | reads/query | peak RSS MiB |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | reads/query | CPU µs/req (server / PostgreSQL / client) | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             rt.block_on(async {
                 let clients: Vec<_> = (0..opts.connections)
                     .map(|_| client(&cert, server.port))
@@ -423,7 +465,9 @@ fn main() {
                 let mut healthz = None;
                 for s in &opts.scenarios {
                     let before = counters(&clients[0], &base).await;
+                    let cpu_before = cpu_now(pid);
                     let o = run_scenario(s, &clients, &base, &sk, &fx, &opts, &pans).await;
+                    let cpu_after = cpu_now(pid);
                     let after = counters(&clients[0], &base).await;
                     let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
                     let units = delta(&after, &before, "cardvault_db_write_units_total");
@@ -455,6 +499,14 @@ fn main() {
                             ),
                         )
                     };
+                    // CPU per request: unlike req/s, it hardly moves with
+                    // the VM's spare capacity, so it tells builds apart.
+                    let cpu = {
+                        let per = |i: usize| {
+                            1e6 * (cpu_after[i] - cpu_before[i]) / o.requests.max(1) as f64
+                        };
+                        format!("{:.0} / {:.0} / {:.0}", per(0), per(1), per(2))
+                    };
                     let mut l = o.latencies_us;
                     l.sort_unstable();
                     let rps = o.requests as f64 / o.elapsed.as_secs_f64();
@@ -474,7 +526,7 @@ fn main() {
                         .map(|h| format!("{:.0}%", 100.0 * rps / h))
                         .unwrap_or_else(|| "-".into());
                     println!(
-                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {per_query} | {:.0} |",
+                        "| {s} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {per_query} | {cpu} | {:.0} |",
                         pct(&l, 0.50),
                         pct(&l, 0.90),
                         pct(&l, 0.99),
