@@ -261,14 +261,7 @@ async fn by_card_id<R, T>(
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    let (merchants, ids): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
-    let rows: Vec<R> = sqlx::query_as(sql)
-        .bind(&merchants)
-        .bind(&ids)
-        .fetch_all(&reads)
-        .await
-        .map_err(db_err)?;
+    let rows: Vec<R> = fetch_keys(&reads, sql, &keys).await?;
     let mut found: HashMap<(String, String), T> = rows
         .into_iter()
         .map(|row| {
@@ -280,20 +273,33 @@ where
     Ok(keys.iter().map(|k| found.remove(k)).collect())
 }
 
+/// Runs a batched read `sql` for `keys`: the keys' merchants bound as
+/// `$1`, their second halves (card or customer ids) as `$2`.
+async fn fetch_keys<R>(
+    reads: &LeanPool<Postgres>,
+    sql: &'static str,
+    keys: &[(String, String)],
+) -> StorageResult<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let (merchants, ids): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
+    sqlx::query_as(sql)
+        .bind(&merchants)
+        .bind(&ids)
+        .fetch_all(reads)
+        .await
+        .map_err(db_err)
+}
+
 /// The cards of each (merchant, customer) key, oldest first, in key
 /// order: one query for a batch of wallet reads.
 async fn wallets(
     reads: LeanPool<Postgres>,
     keys: Vec<(String, String)>,
 ) -> StorageResult<Vec<Vec<(CardRecord, bool)>>> {
-    let (merchants, customers): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(m, c)| (m.as_str(), c.as_str())).unzip();
-    let rows: Vec<CardViewRow> = sqlx::query_as(WALLETS_SQL)
-        .bind(&merchants)
-        .bind(&customers)
-        .fetch_all(&reads)
-        .await
-        .map_err(db_err)?;
+    let rows: Vec<CardViewRow> = fetch_keys(&reads, WALLETS_SQL, &keys).await?;
     let mut found: HashMap<(String, String), Vec<(CardRecord, bool)>> = HashMap::new();
     for row in rows {
         let (card, is_default) = row.into_view();

@@ -2076,47 +2076,32 @@ async fn postgres_card_lookups_use_the_id_or_customer_index() {
         (super::postgres::CARD_VIEWS_SQL, "cards_id_key"),
         (super::postgres::WALLETS_SQL, "using cards_customer_"),
     ];
-    for mode in ["force_generic_plan", "force_custom_plan"] {
-        sqlx::query(&format!("SET plan_cache_mode = {mode}"))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        for (i, (sql, index)) in batched.iter().enumerate() {
-            let name = format!("batched_{mode}_{i}");
-            sqlx::query(&format!("PREPARE {name} (text[], text[]) AS {sql}"))
+    let single = ("(text, text)", "('mer_1', 'cus_1')");
+    let arrays = ("(text[], text[])", "('{mer_1,mer_1}', '{card_1,card_2}')");
+    for (kind, queries, (types, args)) in [
+        ("lookup", &lookups[..], single),
+        ("batched", &batched[..], arrays),
+    ] {
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            sqlx::query(&format!("SET plan_cache_mode = {mode}"))
                 .execute(&mut *conn)
                 .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let plan: Vec<String> = sqlx::query_scalar(&format!(
-                "EXPLAIN EXECUTE {name} ('{{mer_1,mer_1}}', '{{card_1,card_2}}')"
-            ))
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let plan = plan.join(" / ");
-            assert!(plan.contains(index), "{mode} {sql}: {plan}");
-            assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
-        }
-    }
-    for mode in ["force_generic_plan", "force_custom_plan"] {
-        sqlx::query(&format!("SET plan_cache_mode = {mode}"))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        for (i, (sql, index)) in lookups.iter().enumerate() {
-            let name = format!("lookup_{mode}_{i}");
-            sqlx::query(&format!("PREPARE {name} (text, text) AS {sql}"))
-                .execute(&mut *conn)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let plan: Vec<String> =
-                sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} ('mer_1', 'cus_1')"))
-                    .fetch_all(&mut *conn)
+                .unwrap();
+            for (i, (sql, index)) in queries.iter().enumerate() {
+                let name = format!("{kind}_{mode}_{i}");
+                sqlx::query(&format!("PREPARE {name} {types} AS {sql}"))
+                    .execute(&mut *conn)
                     .await
                     .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let plan = plan.join(" / ");
-            assert!(plan.contains(index), "{mode} {sql}: {plan}");
-            assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
+                let plan: Vec<String> =
+                    sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} {args}"))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let plan = plan.join(" / ");
+                assert!(plan.contains(index), "{mode} {sql}: {plan}");
+                assert!(!plan.contains("Seq Scan"), "{mode} {sql}: {plan}");
+            }
         }
     }
 }
