@@ -105,7 +105,9 @@ async fn send(
 
 async fn sigkill_after_acknowledged_writes(backend: Backend, mode: CryptoMode) {
     let dir = tempfile::tempdir().unwrap();
-    let db_url = db_url_for(backend, &dir.path().join("data")).await;
+    // Declared before the server, so it is dropped after it.
+    let db = db_for(backend, &dir.path().join("data")).await;
+    let db_url = db.url.clone();
     // The CLI creates the merchant (and with it the data dir, token, keys).
     let out = command(dir.path(), &db_url, mode)
         .args([
@@ -354,7 +356,9 @@ async fn readyz(c: &reqwest::Client, port: u16) -> (u16, Value) {
 /// keys in envelope mode, and recovers without a restart.
 async fn hsm_outage_and_recovery(backend: Backend, mode: CryptoMode) {
     let dir = tempfile::tempdir().unwrap();
-    let db_url = db_url_for(backend, &dir.path().join("data")).await;
+    // Declared before the server, so it is dropped after it.
+    let db = db_for(backend, &dir.path().join("data")).await;
+    let db_url = db.url.clone();
     let sk_a = merchant_via_cli(dir.path(), &db_url, mode, "A");
     let sk_b = merchant_via_cli(dir.path(), &db_url, mode, "B");
     let mut server = start(dir.path(), &db_url, mode, 1);
@@ -536,7 +540,9 @@ async fn sigterm_finishes_in_flight_requests() {
 async fn webhook_outbox_survives_sigkill(backend: Backend, mode: CryptoMode) {
     use crate::webhooks::{verify_signature, Mode, Receiver};
     let dir = tempfile::tempdir().unwrap();
-    let db_url = db_url_for(backend, &dir.path().join("data")).await;
+    // Declared before the server, so it is dropped after it.
+    let db = db_for(backend, &dir.path().join("data")).await;
+    let db_url = db.url.clone();
     let sk = merchant_via_cli(dir.path(), &db_url, mode, "Webhooks");
     let receiver = Receiver::start(Mode::Hang).await;
     let mut server = start(dir.path(), &db_url, mode, 0);

@@ -61,8 +61,16 @@ fn pg_admin_url() -> String {
     std::env::var("CARDVAULT_TEST_PG_URL").unwrap_or_else(|_| PG_ADMIN_URL.to_string())
 }
 
-/// Creates a fresh PostgreSQL database and returns its URL.
-pub async fn fresh_pg_database() -> String {
+/// A test's database: its URL, and for PostgreSQL the database it created,
+/// dropped again when this value is (tests would otherwise leave one
+/// database per run behind on the shared server).
+pub struct TestDb {
+    pub url: String,
+    created: Option<(String, String)>,
+}
+
+/// Creates a fresh PostgreSQL database, dropped with the returned value.
+pub async fn fresh_pg_database() -> TestDb {
     use sqlx::Connection;
     let admin = pg_admin_url();
     let mut conn = sqlx::PgConnection::connect(&admin)
@@ -73,12 +81,42 @@ pub async fn fresh_pg_database() -> String {
         .execute(&mut conn)
         .await
         .expect("create database");
+    conn.close().await.ok();
     let base = admin
         .rsplit_once('/')
         .map(|(b, _)| b)
         .unwrap_or(&admin)
         .to_string();
-    format!("{base}/{name}")
+    TestDb {
+        url: format!("{base}/{name}"),
+        created: Some((admin, name)),
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.created.take() else {
+            return;
+        };
+        // Drop cannot await, and may run inside a runtime: a thread with its
+        // own runtime does the work. WITH (FORCE) ends sessions still open.
+        let dropper = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                conn.close().await.ok()
+            })
+        });
+        let _ = dropper.join();
+    }
 }
 
 pub struct TestApp {
@@ -96,6 +134,8 @@ pub struct TestApp {
     pub p11: cardvault_hsm::Pkcs11Config,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Last, so the database outlives everything that uses it.
+    _db: TestDb,
 }
 
 pub struct Merchant {
@@ -130,9 +170,12 @@ pub fn client_for(cert_pem: &[u8], addr: std::net::SocketAddr) -> reqwest::Clien
         .expect("client")
 }
 
-pub async fn db_url_for(backend: Backend, data: &std::path::Path) -> String {
+pub async fn db_for(backend: Backend, data: &std::path::Path) -> TestDb {
     match backend {
-        Backend::Sqlite => format!("sqlite://{}", data.join("cardvault.db").display()),
+        Backend::Sqlite => TestDb {
+            url: format!("sqlite://{}", data.join("cardvault.db").display()),
+            created: None,
+        },
         Backend::Postgres => fresh_pg_database().await,
     }
 }
@@ -150,7 +193,8 @@ impl TestApp {
     ) -> TestApp {
         init_logging();
         let data = tempfile::tempdir().expect("tempdir");
-        let db_url = db_url_for(backend, data.path()).await;
+        let db = db_for(backend, data.path()).await;
+        let db_url = db.url.clone();
         let mut cfg = test_config(data.path(), &db_url, mode);
         tweak(&mut cfg);
         let p11 = cardvault::testkit::fresh_token_config();
@@ -188,6 +232,7 @@ impl TestApp {
             p11: p11_copy,
             shutdown: Some(tx),
             handle: Some(handle),
+            _db: db,
         }
     }
 
