@@ -252,9 +252,5 @@ pub async fn reveal(
         })
         .map_err(|_| ApiError::internal())?,
     );
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_vec(),
-    )
-        .into_response())
+    Ok(super::secret_json(StatusCode::OK, body))
 }

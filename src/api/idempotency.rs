@@ -104,12 +104,7 @@ async fn run(
                 .await
                 .map_err(|e| ApiError::from(ServiceError::from(e)))?;
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            let mut resp = (
-                status,
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                plain.to_vec(),
-            )
-                .into_response();
+            let mut resp = super::secret_json(status, plain);
             resp.headers_mut()
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(resp)

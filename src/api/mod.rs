@@ -336,6 +336,19 @@ pub(crate) fn path_id(prefix: &str, value: &str, what: &str, param: &str) -> Res
     }
 }
 
+/// A JSON response whose body is secret (a revealed number, a replayed
+/// sealed response). The body is handed to the server without another
+/// copy and wiped when the server drops it after sending.
+pub(crate) fn secret_json(status: StatusCode, body: zeroize::Zeroizing<Vec<u8>>) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(bytes::Bytes::from_owner(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }

@@ -335,6 +335,10 @@ async fn idempotency_keys(backend: Backend, mode: CryptoMode) {
                 .unwrap();
             let status = resp.status();
             let replayed = resp.headers().get("idempotent-replayed").is_some();
+            assert_eq!(
+                resp.headers()[reqwest::header::CONTENT_TYPE],
+                "application/json"
+            );
             let v: serde_json::Value = resp.json().await.unwrap();
             (status, v, replayed)
         }
@@ -356,7 +360,7 @@ async fn idempotency_keys(backend: Backend, mode: CryptoMode) {
     let cus = v1["id"].as_str().unwrap();
     let card = app.card(&m.sk, cus, VISA).await;
     let card_id = card["id"].as_str().unwrap();
-    for _ in 0..2 {
+    for round in 0..2 {
         let resp = app
             .client
             .post(format!("{}/v1/cards/{card_id}/reveal", app.base))
@@ -366,8 +370,18 @@ async fn idempotency_keys(backend: Backend, mode: CryptoMode) {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()[reqwest::header::CONTENT_TYPE],
+            "application/json"
+        );
+        assert_eq!(
+            resp.headers().get("idempotent-replayed").is_some(),
+            round == 1,
+            "only the second reveal is a replay"
+        );
         let v: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(v["number"], VISA);
+        assert_eq!(v["object"], "card_reveal");
     }
     app.stop().await;
 }
