@@ -124,13 +124,7 @@ fn pg_load_database() -> String {
 /// Drops the load run's database (it holds every card the run added: a
 /// few hundred MB after a 10 s add_card).
 async fn drop_pg() {
-    use sqlx::Connection;
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
-        let name = pg_load_database();
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await;
-    }
+    cardvault::testkit::drop_pg_database(&pg_admin_url(), &pg_load_database()).await;
 }
 
 async fn fresh_pg() -> String {

@@ -76,3 +76,30 @@ pub fn luhn_pan(prefix: &str, n: u64) -> String {
     let check = luhn_check_digit(&body);
     format!("{body}{check}")
 }
+
+/// Drops PostgreSQL database `name` on the server of `admin_url` (a URL of
+/// another database there), ending sessions still open on it. Errors are
+/// ignored: this is cleanup.
+pub async fn drop_pg_database(admin_url: &str, name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+    }
+}
+
+/// [`drop_pg_database`] for `Drop` implementations, which cannot await
+/// and may run inside a runtime: a thread with its own runtime does it.
+pub fn drop_pg_database_blocking(admin_url: String, name: String) {
+    let dropper = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(drop_pg_database(&admin_url, &name));
+        }
+    });
+    let _ = dropper.join();
+}

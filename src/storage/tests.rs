@@ -97,23 +97,7 @@ impl PgDb {
 impl Drop for PgDb {
     fn drop(&mut self) {
         drop(self.storage.take());
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop cannot await; WITH (FORCE) ends the pool's last sessions.
-        let dropper = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await
-                    .ok()?;
-                admin.close().await.ok()
-            })
-        });
-        let _ = dropper.join();
+        crate::testkit::drop_pg_database_blocking(self.admin_url.clone(), self.name.clone());
     }
 }
 

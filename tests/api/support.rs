@@ -95,27 +95,9 @@ pub async fn fresh_pg_database() -> TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some((admin, name)) = self.created.take() else {
-            return;
-        };
-        // Drop cannot await, and may run inside a runtime: a thread with its
-        // own runtime does the work. WITH (FORCE) ends sessions still open.
-        let dropper = std::thread::spawn(move || {
-            use sqlx::Connection;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut conn)
-                    .await
-                    .ok()?;
-                conn.close().await.ok()
-            })
-        });
-        let _ = dropper.join();
+        if let Some((admin, name)) = self.created.take() {
+            cardvault::testkit::drop_pg_database_blocking(admin, name);
+        }
     }
 }
 
