@@ -13,6 +13,7 @@ use cardvault_hsm::{softhsm, Pin, Pkcs11Config, Pkcs11Custodian};
 pub fn softhsm_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        sweep_dead_token_dirs();
         let dir = std::env::temp_dir().join(format!("cardvault-softhsm-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create softhsm dir");
@@ -20,6 +21,32 @@ pub fn softhsm_dir() -> &'static PathBuf {
         std::env::set_var("SOFTHSM2_CONF", conf);
         dir
     })
+}
+
+/// A process cannot remove its token directory when it exits (it lives in a
+/// static), so each one removes those of test processes that have ended.
+/// Directories of processes still running are left alone.
+fn sweep_dead_token_dirs() {
+    // Liveness is read from /proc; without it, sweep nothing.
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("cardvault-softhsm-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Module path of SoftHSM on this machine.
@@ -102,4 +129,30 @@ pub fn drop_pg_database_blocking(admin_url: String, name: String) {
         }
     });
     let _ = dropper.join();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_dirs_of_ended_processes_are_swept() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let tmp = std::env::temp_dir();
+        let dead_dir = tmp.join(format!("cardvault-softhsm-{dead}"));
+        // PID 1 runs as long as the machine does.
+        let live_dir = tmp.join("cardvault-softhsm-1");
+        let live_existed = live_dir.exists();
+        std::fs::create_dir_all(dead_dir.join("tokens")).expect("dead dir");
+        std::fs::create_dir_all(&live_dir).expect("live dir");
+        super::sweep_dead_token_dirs();
+        assert!(
+            !dead_dir.exists(),
+            "an ended process's directory is removed"
+        );
+        assert!(live_dir.exists(), "a running process's directory is kept");
+        if !live_existed {
+            let _ = std::fs::remove_dir(&live_dir);
+        }
+    }
 }
