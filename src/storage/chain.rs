@@ -61,11 +61,12 @@ pub(super) const HEAD_HASH: &str = "SELECT hash FROM audit_log ORDER BY seq DESC
 pub(super) const ROWS_PER_INSERT: usize = 500;
 
 /// Defines `insert_audit_rows` for one backend: appends `entries`, in
-/// order, to the chain inside the caller's write transaction. `$head`
-/// serialises appends across transactions (and nodes), then reads the
-/// hash of the chain's head; then multi-row inserts.
+/// order, to the chain inside the caller's write transaction. `$lock`
+/// serialises appends across transactions (and nodes) before the head is
+/// read, by a statement of its own: under READ COMMITTED it then sees
+/// every append committed before. Then multi-row inserts.
 macro_rules! impl_insert_audit_rows {
-    ($db:ty, $conn:ty, $err:path, $head:path) => {
+    ($db:ty, $conn:ty, $err:path, $lock:path) => {
         pub(super) async fn insert_audit_rows(
             conn: &mut $conn,
             sealer: &SealerCell,
@@ -75,8 +76,12 @@ macro_rules! impl_insert_audit_rows {
                 return Ok(());
             }
             let sealer = sealer.get()?;
-            let head = $head(&mut *conn).await?;
-            let links = chain::links(head, entries, sealer.as_ref())?;
+            $lock(&mut *conn).await?;
+            let head: Option<Option<Vec<u8>>> = sqlx::query_scalar(chain::HEAD_HASH)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err($err)?;
+            let links = chain::links(head.flatten(), entries, sealer.as_ref())?;
             for (chunk, links) in entries
                 .chunks(chain::ROWS_PER_INSERT)
                 .zip(links.chunks(chain::ROWS_PER_INSERT))

@@ -30,26 +30,20 @@ pub(super) async fn insert_audit(
     insert_audit_rows(conn, sealer, std::slice::from_ref(e)).await
 }
 
-/// Serialises appends across transactions and nodes until commit, then
-/// returns the chain head's hash. The head is read by a statement of its
-/// own, after the lock is held: under READ COMMITTED it then sees every
-/// append committed before. (One statement string with both, sent as one
-/// simple query, saved a round trip but was planned anew each time, and
-/// cost as much as the two prepared statements under load.)
-async fn lock_chain_head(conn: &mut PgConnection) -> StorageResult<Option<Vec<u8>>> {
+/// Serialises appends across transactions and nodes until commit. (The
+/// lock and the head's read sent as one simple-query string saved a round
+/// trip but was planned anew each time, and cost as much as the two
+/// prepared statements under load.)
+async fn chain_lock(conn: &mut PgConnection) -> StorageResult<()> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(AUDIT_CHAIN_LOCK)
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    let head: Option<Option<Vec<u8>>> = sqlx::query_scalar(chain::HEAD_HASH)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    Ok(head.flatten())
+    Ok(())
 }
 
-chain::impl_insert_audit_rows!(sqlx::Postgres, PgConnection, db_err, lock_chain_head);
+chain::impl_insert_audit_rows!(sqlx::Postgres, PgConnection, db_err, chain_lock);
 
 /// A standalone append, committed with whatever else the group-commit
 /// writer is batching.

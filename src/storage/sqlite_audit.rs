@@ -26,18 +26,13 @@ pub(super) async fn insert_audit(
     insert_audit_rows(conn, sealer, std::slice::from_ref(e)).await
 }
 
-/// The chain head's hash. Appends need no lock of their own on SQLite:
-/// every write transaction took the database's write lock up front
-/// (`BEGIN IMMEDIATE`).
-async fn chain_head_hash(conn: &mut SqliteConnection) -> StorageResult<Option<Vec<u8>>> {
-    let head: Option<Option<Vec<u8>>> = sqlx::query_scalar(chain::HEAD_HASH)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    Ok(head.flatten())
+/// Appends need no lock of their own on SQLite: every write transaction
+/// took the database's write lock up front (`BEGIN IMMEDIATE`).
+async fn chain_lock(_conn: &mut SqliteConnection) -> StorageResult<()> {
+    Ok(())
 }
 
-chain::impl_insert_audit_rows!(sqlx::Sqlite, SqliteConnection, db_err, chain_head_hash);
+chain::impl_insert_audit_rows!(sqlx::Sqlite, SqliteConnection, db_err, chain_lock);
 
 /// A standalone append, committed with whatever else the group-commit
 /// writer is batching.
