@@ -112,11 +112,6 @@ fn cmd(dir: &Path, db: &str, mode: &str) -> Command {
     c
 }
 
-fn pg_admin_url() -> String {
-    std::env::var("CARDVAULT_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
 fn pg_load_database() -> String {
     format!("cv_load_{}", std::process::id())
 }
@@ -124,22 +119,15 @@ fn pg_load_database() -> String {
 /// Drops the load run's database (it holds every card the run added: a
 /// few hundred MB after a 10 s add_card).
 async fn drop_pg() {
-    cardvault::testkit::drop_pg_database(&pg_admin_url(), &pg_load_database()).await;
+    cardvault::testkit::drop_pg_database(&cardvault::testkit::pg_admin_url(), &pg_load_database())
+        .await;
 }
 
 async fn fresh_pg() -> String {
-    use sqlx::Connection;
-    let admin = pg_admin_url();
     drop_pg().await;
-    let mut conn = sqlx::PgConnection::connect(&admin)
+    cardvault::testkit::create_pg_database(&cardvault::testkit::pg_admin_url(), &pg_load_database())
         .await
-        .expect("PostgreSQL");
-    let name = pg_load_database();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+        .expect("PostgreSQL")
 }
 
 fn start(backend: &str, mode: &str, db: String) -> (Server, String) {

@@ -104,6 +104,42 @@ pub fn luhn_pan(prefix: &str, n: u64) -> String {
     format!("{body}{check}")
 }
 
+/// The PostgreSQL database tests and the load tool create theirs from:
+/// `CARDVAULT_TEST_PG_URL`, by default `test` on 127.0.0.1 as `postgres`.
+pub fn pg_admin_url() -> String {
+    std::env::var("CARDVAULT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// `url` with its database name replaced by `db`.
+pub fn pg_url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{db}?{query}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Creates PostgreSQL database `name` on the server of `admin_url` (a URL
+/// of another database there) and returns the new database's URL.
+pub async fn create_pg_database(admin_url: &str, name: &str) -> Result<String, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(pg_url_with_database(admin_url, name))
+}
+
 /// Drops PostgreSQL database `name` on the server of `admin_url` (a URL of
 /// another database there), ending sessions still open on it. Errors are
 /// ignored: this is cleanup.

@@ -8,11 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use sqlx::Connection;
-
 use super::*;
-
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 // ---------------------------------------------------------------- fixtures
 
@@ -57,32 +53,24 @@ impl PgDb {
             eprintln!("CARDVAULT_SKIP_PG set: skipping PostgreSQL test");
             return None;
         }
-        let admin_url =
-            std::env::var("CARDVAULT_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
+        let admin_url = crate::testkit::pg_admin_url();
+        let name = format!("cv_{:016x}", rand::random::<u64>());
+        let url = crate::testkit::create_pg_database(&admin_url, &name)
             .await
             .unwrap_or_else(|e| {
                 panic!(
-                    "PostgreSQL at {admin_url} unreachable ({e}); start it \
+                    "PostgreSQL at {admin_url}: {e}; start it \
                      (pg_ctlcluster --skip-systemctl-redirect 15 main start) \
                      or set CARDVAULT_SKIP_PG=1"
                 )
             });
-        let name = format!("cv_{:016x}", rand::random::<u64>());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.ok();
         // Owned before connecting, so a failure below still drops the database.
         let mut db = PgDb {
             storage: None,
             admin_url: admin_url.clone(),
             name: name.clone(),
         };
-        let storage = PgStorage::connect(&with_database(&admin_url, &name), 4)
-            .await
-            .unwrap();
+        let storage = PgStorage::connect(&url, 4).await.unwrap();
         storage.migrate().await.unwrap();
         storage.set_audit_sealer(std::sync::Arc::new(TestSealer));
         db.storage = Some(storage);
@@ -101,22 +89,7 @@ impl Drop for PgDb {
     }
 }
 
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority..].find('/') {
-        Some(slash) => &base[..authority + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{base}/{db}?{query}"),
-        None => format!("{base}/{db}"),
-    }
-}
+use crate::testkit::pg_url_with_database as with_database;
 
 /// Runs each named check against both backends.
 macro_rules! on_both_backends {

@@ -18,7 +18,7 @@ pub async fn exec_sql(app: &TestApp, statements: &[&str]) {
     match app.backend {
         Backend::Sqlite => {
             use sqlx::Connection;
-            let mut c = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::SqliteConnection::connect(&app.db.url).await.unwrap();
             for s in statements {
                 sqlx::query(s)
                     .execute(&mut c)
@@ -28,7 +28,7 @@ pub async fn exec_sql(app: &TestApp, statements: &[&str]) {
         }
         Backend::Postgres => {
             use sqlx::Connection;
-            let mut c = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
             for s in statements {
                 sqlx::query(s)
                     .execute(&mut c)

@@ -650,11 +650,11 @@ pub async fn live_token_payloads(app: &TestApp) -> i64 {
     let sql = "SELECT count(*) FROM card_tokens WHERE payload IS NOT NULL";
     match app.backend {
         Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::SqliteConnection::connect(&app.db.url).await.unwrap();
             sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
         }
         Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
             sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
         }
     }

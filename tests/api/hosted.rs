@@ -113,7 +113,7 @@ async fn age_session(app: &TestApp, id: &str, secs: i64) {
     use sqlx::Connection;
     match app.backend {
         Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::SqliteConnection::connect(&app.db.url).await.unwrap();
             sqlx::query("UPDATE capture_sessions SET created_at = created_at - ?, expires_at = expires_at - ? WHERE id = ?")
                 .bind(secs)
                 .bind(secs)
@@ -123,7 +123,7 @@ async fn age_session(app: &TestApp, id: &str, secs: i64) {
                 .unwrap();
         }
         Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+            let mut c = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
             sqlx::query("UPDATE capture_sessions SET created_at = created_at - $1, expires_at = expires_at - $1 WHERE id = $2")
                 .bind(secs)
                 .bind(id)
@@ -896,7 +896,7 @@ async fn hosted_pages_leak_nothing(backend: Backend, mode: CryptoMode) {
         problems.push(format!("log: {hit}"));
     }
     if backend == Backend::Postgres {
-        let rows = dump_postgres(&app.db_url).await;
+        let rows = dump_postgres(&app.db.url).await;
         assert!(rows.iter().any(|(t, _)| t.ends_with(".capture_sessions")));
         for (table, row) in &rows {
             for hit in scan(row) {

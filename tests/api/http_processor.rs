@@ -912,7 +912,7 @@ matrix!(lost_captures_and_voids_are_reconciled);
 async fn refund_outcome_survives_a_database_cut() {
     let (app, fake, m, id) =
         reconciling_app_with_charge(Backend::Postgres, CryptoMode::Envelope, 2_000, 1, 700).await;
-    fake.lock().unwrap().cut_db_on = Some(("refund", app.db_url.clone()));
+    fake.lock().unwrap().cut_db_on = Some(("refund", app.db.url.clone()));
     let (s, r) = app
         .post(
             &format!("/v1/charges/{id}/refunds"),
@@ -960,7 +960,7 @@ async fn capture_outcome_survives_a_database_cut() {
     let id = uncaptured_charges(&app, &m.sk, &cus, 800, 1)
         .await
         .remove(0);
-    fake.lock().unwrap().cut_db_on = Some(("capture", app.db_url.clone()));
+    fake.lock().unwrap().cut_db_on = Some(("capture", app.db.url.clone()));
     let (s, e) = app
         .post(&format!("/v1/charges/{id}/capture"), &m.sk, json!({}))
         .await;

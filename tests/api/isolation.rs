@@ -129,7 +129,7 @@ pub(crate) async fn count_rows(app: &TestApp, table: &str) -> i64 {
     match app.backend {
         Backend::Sqlite => {
             use sqlx::ConnectOptions;
-            let opts: sqlx::sqlite::SqliteConnectOptions = app.db_url.parse().expect("sqlite url");
+            let opts: sqlx::sqlite::SqliteConnectOptions = app.db.url.parse().expect("sqlite url");
             let mut conn = opts
                 .create_if_missing(false)
                 .connect()
@@ -143,7 +143,7 @@ pub(crate) async fn count_rows(app: &TestApp, table: &str) -> i64 {
             n
         }
         Backend::Postgres => {
-            let mut conn = sqlx::PgConnection::connect(&app.db_url)
+            let mut conn = sqlx::PgConnection::connect(&app.db.url)
                 .await
                 .expect("pg connect");
             let n: i64 = sqlx::query_scalar(&sql)

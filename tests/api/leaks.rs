@@ -725,7 +725,7 @@ async fn no_pan_or_secret_at_rest_or_in_logs(backend: Backend, mode: CryptoMode)
     let mut problems = Vec::new();
     match backend {
         Backend::Postgres => {
-            let rows = dump_postgres(&app.db_url).await;
+            let rows = dump_postgres(&app.db.url).await;
             assert!(
                 rows.iter()
                     .any(|(t, r)| t.ends_with(".cards") && r.contains(cards[2].0.as_str())),

@@ -219,7 +219,7 @@ async fn no_pan_or_cvv_after_payments(backend: Backend, mode: CryptoMode) {
 
     match backend {
         Backend::Postgres => {
-            let rows = dump_postgres(&app.db_url).await;
+            let rows = dump_postgres(&app.db.url).await;
             assert!(rows.iter().any(|(t, _)| t.ends_with(".card_tokens")));
             for (table, row) in &rows {
                 saw_control |= !control.in_text(row).is_empty();

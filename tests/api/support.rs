@@ -55,12 +55,6 @@ fn init_logging() {
     });
 }
 
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn pg_admin_url() -> String {
-    std::env::var("CARDVAULT_TEST_PG_URL").unwrap_or_else(|_| PG_ADMIN_URL.to_string())
-}
-
 /// A test's database: its URL, and for PostgreSQL the database it created,
 /// dropped again when this value is (tests would otherwise leave one
 /// database per run behind on the shared server).
@@ -71,24 +65,13 @@ pub struct TestDb {
 
 /// Creates a fresh PostgreSQL database, dropped with the returned value.
 pub async fn fresh_pg_database() -> TestDb {
-    use sqlx::Connection;
-    let admin = pg_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
+    let admin = cardvault::testkit::pg_admin_url();
+    let name = cardvault::domain::new_id("cv").to_lowercase();
+    let url = cardvault::testkit::create_pg_database(&admin, &name)
         .await
         .expect("PostgreSQL at 127.0.0.1:5432 (start it: pg_ctlcluster --skip-systemctl-redirect 15 main start)");
-    let name = cardvault::domain::new_id("cv").to_lowercase();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    conn.close().await.ok();
-    let base = admin
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&admin)
-        .to_string();
     TestDb {
-        url: format!("{base}/{name}"),
+        url,
         created: Some((admin, name)),
     }
 }
@@ -107,7 +90,6 @@ pub struct TestApp {
     pub data: tempfile::TempDir,
     pub backend: Backend,
     pub mode: CryptoMode,
-    pub db_url: String,
     pub token_label: String,
     pub vault: Arc<Vault>,
     /// The configuration the server runs with.
@@ -117,7 +99,7 @@ pub struct TestApp {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Last, so the database outlives everything that uses it.
-    _db: TestDb,
+    pub db: TestDb,
 }
 
 pub struct Merchant {
@@ -176,8 +158,7 @@ impl TestApp {
         init_logging();
         let data = tempfile::tempdir().expect("tempdir");
         let db = db_for(backend, data.path()).await;
-        let db_url = db.url.clone();
-        let mut cfg = test_config(data.path(), &db_url, mode);
+        let mut cfg = test_config(data.path(), &db.url, mode);
         tweak(&mut cfg);
         let p11 = cardvault::testkit::fresh_token_config();
         let token_label = p11.token_label.clone();
@@ -207,14 +188,13 @@ impl TestApp {
             data,
             backend,
             mode,
-            db_url,
             token_label,
             vault,
             cfg,
             p11: p11_copy,
             shutdown: Some(tx),
             handle: Some(handle),
-            _db: db,
+            db,
         }
     }
 
