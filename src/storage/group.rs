@@ -497,7 +497,8 @@ where
     /// short waits on the database then never queue behind the request
     /// tasks of the server's runtime, which under load would stretch every
     /// statement of a batch. It stops when the last handle is dropped.
-    /// Starts the writer thread. With a `gate`, the writer holds it for
+    ///
+    /// With a `gate`, the writer holds it for
     /// each batch, from `BEGIN` to `COMMIT`: on SQLite, writers outside the
     /// group commit take the same gate before their `BEGIN IMMEDIATE`, so
     /// they queue for their turn (first come, first served) instead of

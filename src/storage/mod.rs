@@ -25,6 +25,7 @@ mod postgres;
 mod postgres_audit;
 mod sqlite;
 mod sqlite_audit;
+mod sqlite_checkpoint;
 mod sqlite_direct;
 mod sqlite_inline;
 #[cfg(test)]

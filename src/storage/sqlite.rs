@@ -26,6 +26,7 @@ use super::group::{GroupBackend, GroupCommit, Tx, WriteGate};
 use super::lean::LeanPool;
 use super::payments_sql::lifecycle;
 use super::sqlite_audit::insert_audit;
+use super::sqlite_checkpoint::{self, CheckpointPolicy};
 use super::sqlite_direct::DirectWrites;
 use super::sqlite_inline::{or_pool, Inline, InlineReads};
 use super::{
@@ -54,7 +55,8 @@ pub struct SqliteStorage {
     /// Group commit of the hot write paths (see [`super::group`]).
     pub(super) writer: GroupCommit<Sqlite>,
     /// Shared with the writer: other write transactions queue here for
-    /// their turn at the write lock.
+    /// their turn at the write lock, and the WAL checkpointer for a moment
+    /// between two batches (see [`super::sqlite_checkpoint`]).
     write_gate: WriteGate,
     /// MACs the audit chain; appends fail until it is installed.
     pub(super) sealer: std::sync::Arc<super::chain::SealerCell>,
@@ -62,9 +64,6 @@ pub struct SqliteStorage {
     _checkpointer: Arc<()>,
 }
 
-/// How often the checkpointer copies committed WAL frames into the database
-/// file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// The pragmas of every connection that writes (the pool's, the group
 /// writer's, and the writer's direct one, see [`super::sqlite_direct`]):
 /// - WAL journal with `synchronous=FULL`: a committed transaction survives
@@ -79,7 +78,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 ///   files.)
 /// - `wal_autocheckpoint`: the WAL size (pages) at which a committing
 ///   connection checkpoints by itself, a safety net should the checkpointer
-///   fall behind.
+///   fall behind (it makes the WAL start over long before, see
+///   [`super::sqlite_checkpoint`]).
 pub(super) const CONNECTION_PRAGMAS: [(&str, &str); 6] = [
     ("journal_mode", "WAL"),
     ("synchronous", "FULL"),
@@ -88,45 +88,6 @@ pub(super) const CONNECTION_PRAGMAS: [(&str, &str); 6] = [
     ("temp_store", "MEMORY"),
     ("wal_autocheckpoint", "16384"),
 ];
-
-/// Moves WAL checkpoints off the write path. With SQLite's default, the
-/// commit that takes the WAL past 1,000 pages copies them into the database
-/// file and syncs it before it returns: every so often one write batch (and
-/// everyone waiting on it) paid for that. Here a thread of its own, with a
-/// connection of its own, runs `PRAGMA wal_checkpoint(PASSIVE)` every
-/// [`CHECKPOINT_EVERY`]: it never blocks the writer or readers, and it
-/// stops when the storage is dropped.
-fn start_checkpointer(
-    options: SqliteConnectOptions,
-    alive: std::sync::Weak<()>,
-) -> StorageResult<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StorageError::Other(format!("WAL checkpointer runtime: {e}")))?;
-    std::thread::Builder::new()
-        .name("cardvault-wal-checkpoint".to_string())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let mut conn: Option<sqlx::SqliteConnection> = None;
-                while alive.strong_count() > 0 {
-                    tokio::time::sleep(CHECKPOINT_EVERY).await;
-                    if conn.is_none() {
-                        conn = sqlx::Connection::connect_with(&options).await.ok();
-                    }
-                    let Some(c) = conn.as_mut() else { continue };
-                    if let Err(e) =
-                        sqlx::Executor::execute(&mut *c, "PRAGMA wal_checkpoint(PASSIVE)").await
-                    {
-                        tracing::debug!(error = %e, "WAL checkpoint failed; reconnecting");
-                        conn = None;
-                    }
-                }
-            })
-        })
-        .map_err(|e| StorageError::Other(format!("WAL checkpointer thread: {e}")))?;
-    Ok(())
-}
 
 /// SQLite primary result codes that mean "try again later" rather than a bug:
 /// BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
@@ -176,9 +137,11 @@ impl SqliteStorage {
         let write_gate = WriteGate::default();
         let checkpointer = Arc::new(());
         // Never creates a database: it only checkpoints the one opened here.
-        start_checkpointer(
+        sqlite_checkpoint::start(
             options.clone().create_if_missing(false),
+            Arc::clone(&write_gate),
             Arc::downgrade(&checkpointer),
+            CheckpointPolicy::default(),
         )?;
         Ok(SqliteStorage {
             writer: GroupCommit::start(
