@@ -22,7 +22,8 @@
 //! makes it start over:
 //! 1. after each pass that copied frames, it syncs the database file
 //!    itself, off every lock (the `fsync` SQLite would have made in the
-//!    writer's checkpoint, made earlier and on this thread);
+//!    writer's checkpoint, made earlier and on this thread, through a
+//!    descriptor that is never closed: see [`sync_handle`]);
 //! 2. it repeats the pass and the sync until a pass copies few frames
 //!    ([`CheckpointPolicy::gated_at_most`]), then runs one last pass
 //!    holding the write gate. The writer is between two batches then, so
@@ -38,9 +39,10 @@
 //! committing connection (`synchronous=FULL`), and SQLite itself still
 //! syncs the database file before the WAL may start over.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::path::PathBuf;
-use std::sync::Weak;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -110,12 +112,14 @@ pub(super) fn start(
         .name("cardvault-wal-checkpoint".to_string())
         .spawn(move || {
             runtime.block_on(async move {
-                while alive.strong_count() > 0 {
+                loop {
                     tokio::time::sleep(policy.every).await;
+                    if alive.strong_count() == 0 {
+                        break;
+                    }
                     if let Err(e) = checkpointer.round().await {
-                        tracing::debug!(error = %e, "WAL checkpoint failed; reconnecting");
+                        tracing::warn!(error = %e, "WAL checkpoint failed; reconnecting");
                         checkpointer.conn = None;
-                        checkpointer.db_file = None;
                     }
                 }
             })
@@ -130,8 +134,8 @@ struct Checkpointer {
     gate: WriteGate,
     policy: CheckpointPolicy,
     conn: Option<SqliteConnection>,
-    /// The database file, opened read-only, to sync it.
-    db_file: Option<File>,
+    /// The database file, to sync it (see [`sync_handle`]).
+    db_file: Option<Arc<File>>,
 }
 
 impl Checkpointer {
@@ -159,7 +163,7 @@ impl Checkpointer {
         // Between two of the writer's batches: this pass catches up, and
         // SQLite syncs the database file (only the pages copied since the
         // last sync above are still dirty).
-        let gate = std::sync::Arc::clone(&self.gate);
+        let gate = Arc::clone(&self.gate);
         let _turn = gate.lock().await;
         self.pass().await.map(drop)
     }
@@ -192,13 +196,38 @@ impl Checkpointer {
             return Ok(());
         }
         if self.db_file.is_none() {
-            self.db_file = Some(File::open(&self.db_path).map_err(io_err)?);
+            self.db_file = Some(sync_handle(&self.db_path).map_err(io_err)?);
         }
         match &self.db_file {
             Some(file) => file.sync_data().map_err(io_err),
             None => Ok(()),
         }
     }
+}
+
+/// A read-only descriptor of the database file at `path`, opened once per
+/// process and never closed.
+///
+/// Closing any descriptor of a file drops every POSIX lock the process
+/// holds on that file, and SQLite's connections rely on theirs: a WAL
+/// connection keeps a shared lock on the database file while it is open.
+/// Without it, another process (a CLI command, say) closing its last
+/// connection would take the file for unused, checkpoint it and delete the
+/// WAL under this one. So the descriptor opened here to sync the file lives
+/// as long as the process: one per database file, opened only once its WAL
+/// first reaches [`CheckpointPolicy::rewind_at`].
+fn sync_handle(path: &Path) -> std::io::Result<Arc<File>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Arc<File>>>> = OnceLock::new();
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(file) = open.get(path) {
+        return Ok(Arc::clone(file));
+    }
+    let file = Arc::new(File::open(path)?);
+    open.insert(path.to_path_buf(), Arc::clone(&file));
+    Ok(file)
 }
 
 fn io_err(e: std::io::Error) -> StorageError {
@@ -209,7 +238,6 @@ fn io_err(e: std::io::Error) -> StorageError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use std::str::FromStr;
-    use std::sync::Arc;
 
     use rusqlite::Connection;
 
@@ -224,6 +252,23 @@ mod tests {
             .and_then(|mut f| f.read_exact(&mut header))
             .unwrap();
         u32::from_be_bytes([header[12], header[13], header[14], header[15]])
+    }
+
+    /// The descriptor used to sync a database file stays open after its
+    /// handles are dropped: closing it would drop SQLite's POSIX locks on
+    /// the file for the whole process.
+    #[test]
+    fn the_sync_descriptor_is_never_closed() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kept.db");
+        std::fs::write(&path, b"").unwrap();
+        let first = sync_handle(&path).unwrap();
+        let fd = first.as_raw_fd();
+        assert!(Arc::ptr_eq(&first, &sync_handle(&path).unwrap()));
+        drop(first);
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(target, path.canonicalize().unwrap());
     }
 
     /// A writer that commits back to back, taking the gate for each
