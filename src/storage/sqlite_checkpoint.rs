@@ -82,7 +82,7 @@ impl Default for CheckpointPolicy {
 
 /// What a passive pass left: frames in the WAL, and frames copied into the
 /// database file since the WAL last started over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Progress {
     log: i64,
     copied: i64,
@@ -101,12 +101,10 @@ pub(super) fn start(
         .build()
         .map_err(|e| StorageError::Other(format!("WAL checkpointer runtime: {e}")))?;
     let mut checkpointer = Checkpointer {
-        db_path: options.get_filename().to_path_buf(),
         options,
         gate,
         policy,
         conn: None,
-        db_file: None,
     };
     std::thread::Builder::new()
         .name("cardvault-wal-checkpoint".to_string())
@@ -118,8 +116,7 @@ pub(super) fn start(
                         break;
                     }
                     if let Err(e) = checkpointer.round().await {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; reconnecting");
-                        checkpointer.conn = None;
+                        tracing::warn!(error = %e, "WAL checkpoint round failed");
                     }
                 }
             })
@@ -130,12 +127,11 @@ pub(super) fn start(
 
 struct Checkpointer {
     options: SqliteConnectOptions,
-    db_path: PathBuf,
     gate: WriteGate,
     policy: CheckpointPolicy,
+    /// Kept between passes; a pass that fails drops it (the next one
+    /// reconnects).
     conn: Option<SqliteConnection>,
-    /// The database file, to sync it (see [`sync_handle`]).
-    db_file: Option<Arc<File>>,
 }
 
 impl Checkpointer {
@@ -169,39 +165,31 @@ impl Checkpointer {
     }
 
     async fn pass(&mut self) -> StorageResult<Progress> {
-        if self.conn.is_none() {
-            self.conn = Some(
-                sqlx::Connection::connect_with(&self.options)
-                    .await
-                    .map_err(super::sqlite::db_err)?,
-            );
-        }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| StorageError::Unavailable("no checkpoint connection".into()))?;
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => sqlx::Connection::connect_with(&self.options)
+                .await
+                .map_err(super::sqlite::db_err)?,
+        };
         let (_busy, log, copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(conn)
+                .fetch_one(&mut conn)
                 .await
                 .map_err(super::sqlite::db_err)?;
+        self.conn = Some(conn);
         Ok(Progress { log, copied })
     }
 
     /// Syncs the database file when a pass copied frames into it. Only
     /// what is already written is flushed: this never decides what is
     /// durable (see the module documentation).
-    fn sync_if(&mut self, copied: bool) -> StorageResult<()> {
+    fn sync_if(&self, copied: bool) -> StorageResult<()> {
         if !copied {
             return Ok(());
         }
-        if self.db_file.is_none() {
-            self.db_file = Some(sync_handle(&self.db_path).map_err(io_err)?);
-        }
-        match &self.db_file {
-            Some(file) => file.sync_data().map_err(io_err),
-            None => Ok(()),
-        }
+        sync_handle(self.options.get_filename())
+            .and_then(|file| file.sync_data())
+            .map_err(io_err)
     }
 }
 
