@@ -189,6 +189,12 @@ impl SqliteStorage {
         .await
     }
 
+    /// The write gate, for tests that hold it.
+    #[cfg(test)]
+    pub(super) fn write_gate(&self) -> &WriteGate {
+        &self.write_gate
+    }
+
     pub(super) async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
         // Wait for the writer's current batch to commit, then take the
         // write lock before its next one. The gate is let go once the lock

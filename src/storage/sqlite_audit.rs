@@ -85,6 +85,10 @@ impl SqliteStorage {
     }
 
     pub(super) async fn register_hsm_key_impl(&self, k: &HsmKeyRecord) -> StorageResult<()> {
+        // Through the write gate like every other write: an autocommit
+        // statement would poll (SQLite's busy handler) for a lock the
+        // group-commit writer frees only between batches.
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO hsm_keys (label, kind, merchant_id, version, state, created_at, \
              retired_at, destroyed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
@@ -98,10 +102,10 @@ impl SqliteStorage {
         .bind(k.created_at)
         .bind(k.retired_at)
         .bind(k.destroyed_at)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        tx.commit().await.map_err(db_err)
     }
 }
 
@@ -172,6 +176,8 @@ impl AuditChainStore for SqliteStorage {
     }
 
     async fn insert_checkpoint(&self, c: &Checkpoint) -> StorageResult<()> {
+        // Gated, as `register_hsm_key_impl` explains.
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO audit_checkpoints (at, head_seq, head_hash, entries, hsm_label, \
              signature) VALUES (?, ?, ?, ?, ?, ?)",
@@ -182,10 +188,10 @@ impl AuditChainStore for SqliteStorage {
         .bind(c.entries)
         .bind(&c.hsm_label)
         .bind(&c.signature)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        tx.commit().await.map_err(db_err)
     }
 
     async fn list_checkpoints(&self) -> StorageResult<Vec<Checkpoint>> {

@@ -2542,3 +2542,48 @@ async fn sqlite_writes_outside_the_writer_get_their_turn() {
         .collect();
     assert_eq!(delivered, recorded);
 }
+
+/// The SQLite writes that run outside the group commit and outside any
+/// request (the HSM key registry, the signed audit checkpoints) wait for
+/// the write gate like the rest: as autocommit statements they polled in
+/// SQLite's busy handler for the lock the writer frees only between
+/// batches. Held here, the gate keeps both from writing; let go, both land.
+#[tokio::test]
+async fn sqlite_key_registry_and_checkpoints_wait_for_the_write_gate() {
+    let db = sqlite_db().await;
+    let s = &db.storage;
+    let key = HsmKeyRecord {
+        label: "cv-kek-v9".to_string(),
+        kind: "kek".to_string(),
+        merchant_id: None,
+        version: 9,
+        state: "active".to_string(),
+        created_at: 1_700_000_000,
+        retired_at: None,
+        destroyed_at: None,
+    };
+    let checkpoint = Checkpoint {
+        seq: 0,
+        at: 1_700_000_000,
+        head_seq: 0,
+        head_hash: vec![7; 32],
+        entries: 0,
+        hsm_label: "cv-audit-v1".to_string(),
+        signature: vec![1; 32],
+    };
+    let held = s.write_gate().lock().await;
+    let both = async {
+        s.register_hsm_key(&key).await.unwrap();
+        s.insert_checkpoint(&checkpoint).await.unwrap();
+    };
+    tokio::pin!(both);
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut both).await;
+    assert!(waited.is_err(), "a write went past the held gate");
+    assert!(s.list_hsm_keys().await.unwrap().is_empty());
+    drop(held);
+    both.await;
+    assert_eq!(s.list_hsm_keys().await.unwrap(), vec![key.clone()]);
+    let stored = s.list_checkpoints().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].head_hash, checkpoint.head_hash);
+}
