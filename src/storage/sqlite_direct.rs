@@ -34,11 +34,17 @@ use super::{AuditEntry, CardInsert, CardRecord, EventRecord, StorageError, Stora
 /// Statements prepared and kept on the connection (there are eleven).
 const STATEMENT_CACHE: usize = 16;
 
+/// One row from `VALUES`, never `INSERT … SELECT`: SQLite gives a statement
+/// that may write several rows and may abort (a NOT NULL, CHECK or foreign
+/// key constraint) a statement journal, a copy of every page it is about to
+/// change, so that it can be undone alone. A single-row insert checks all
+/// of its constraints before it writes anything and needs none. A customer
+/// that is missing, or another merchant's, fails the foreign key on
+/// `(customer_id, merchant_id)` before any write: `NotFound` for the row.
 const INSERT_CARD: &str = concat!(
     "INSERT INTO cards (",
     card_columns!(),
-    ") SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17 \
-     WHERE EXISTS (SELECT 1 FROM customers WHERE id = ?3 AND merchant_id = ?2) \
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
      ON CONFLICT DO NOTHING"
 );
 const SET_FIRST_DEFAULT: &str = "UPDATE customers SET default_card_id = ?1 \
@@ -245,9 +251,10 @@ fn insert_cards(
     Ok(())
 }
 
-/// Why a card was not inserted: the customer already has it (same
-/// fingerprint, perhaps from earlier in this batch), its id is taken, or
-/// the customer is not the merchant's.
+/// Why a card was not inserted (a conflict the insert skipped): the
+/// customer already has it (same fingerprint, perhaps from earlier in this
+/// batch), or its id is taken. (A missing customer fails the insert's
+/// foreign key instead; `NotFound` here is only a last resort.)
 fn skipped_card(conn: &Connection, c: &CardRecord) -> StorageResult<StorageResult<CardInsert>> {
     let existing = conn
         .prepare_cached(CARD_BY_FINGERPRINT)
