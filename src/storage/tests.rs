@@ -2587,3 +2587,39 @@ async fn sqlite_key_registry_and_checkpoints_wait_for_the_write_gate() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].head_hash, checkpoint.head_hash);
 }
+
+/// On SQLite's writer each card is its own single-row statement without a
+/// statement journal: a card the schema refuses (a CHECK here) fails
+/// before SQLite writes anything, alone, and the cards batched with it
+/// are stored. (PostgreSQL's multi-row insert does not promise this; the
+/// API validates cards before they reach storage.)
+#[tokio::test]
+async fn sqlite_a_card_the_schema_refuses_fails_alone_in_its_batch() {
+    let db = sqlite_db().await;
+    let s: &dyn Storage = &db.storage;
+    merchant(s, "mer_a", 1).await;
+    add_customer(s, "mer_a", "cus_1").await;
+    let writes = (0..120u8).map(|i| async move {
+        let mut c = card("mer_a", "cus_1", &format!("card_{i}"), i);
+        if i % 4 == 3 {
+            c.exp_month = 13;
+        }
+        let r = s
+            .insert_card(&c, &audit("card.create", Some("mer_a"), Some(&c.id)))
+            .await;
+        (i, r)
+    });
+    for (i, r) in futures_util::future::join_all(writes).await {
+        if i % 4 == 3 {
+            assert!(matches!(r, Err(StorageError::Other(_))), "{i}: {r:?}");
+        } else {
+            assert!(matches!(r, Ok(CardInsert::Created { .. })), "{i}: {r:?}");
+        }
+    }
+    assert_eq!(s.list_cards("mer_a", "cus_1").await.unwrap().len(), 90);
+    let stats = db.storage.group_commit_stats();
+    assert!(
+        stats.units > stats.batches,
+        "the cards were never batched together: {stats:?}"
+    );
+}
