@@ -1,6 +1,8 @@
 //! Background workers started with the server: the token sweeper (purges
 //! the sealed payloads of expired tokens, deletes day-old capture sessions),
-//! the webhook delivery loop and the reconciliation of charges and refunds.
+//! the webhook delivery loop, the reconciliation of charges and refunds,
+//! and the first planner statistics of tables that grew before autovacuum
+//! analysed them.
 //! All are safe to run on every node: their database updates are
 //! idempotent or version-checked, and a delivery is at-least-once.
 
@@ -66,6 +68,22 @@ impl Workers {
                 }
             })
         };
+        // Planner statistics for tables that grew before autovacuum first
+        // looked at them (see `Storage::prime_statistics`).
+        let statistics = {
+            let vault = Arc::clone(&vault);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    log_round(
+                        "statistics",
+                        vault.prime_statistics().await.map(|t| t.join(",")),
+                    );
+                }
+            })
+        };
         let poll = Duration::from_millis(vault.payments_config().webhooks.poll_ms.max(10));
         let deliveries = tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
@@ -78,7 +96,7 @@ impl Workers {
             }
         });
         Workers {
-            handles: vec![sweeper, reconciler, deliveries],
+            handles: vec![sweeper, reconciler, statistics, deliveries],
         }
     }
 

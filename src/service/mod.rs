@@ -190,6 +190,12 @@ impl Vault {
         &self.storage
     }
 
+    /// Analyses tables that grew before they had planner statistics (run
+    /// periodically); the names of those it analysed.
+    pub async fn prime_statistics(&self) -> ServiceResult<Vec<String>> {
+        Ok(self.storage.prime_statistics().await?)
+    }
+
     pub fn keyring(&self) -> &Arc<Keyring> {
         &self.keyring
     }

@@ -583,6 +583,12 @@ pub trait Storage:
     fn read_batch_stats(&self) -> ReadBatchStats {
         ReadBatchStats::default()
     }
+    /// Gathers planner statistics for tables that have grown without any
+    /// yet, and returns their names (PostgreSQL; nothing to do on SQLite,
+    /// whose planner never caches a plan made for an empty table).
+    async fn prime_statistics(&self) -> StorageResult<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Totals of the batched reads: queries sent, and reads they answered.

@@ -2623,3 +2623,54 @@ async fn sqlite_a_card_the_schema_refuses_fails_alone_in_its_batch() {
         "the cards were never batched together: {stats:?}"
     );
 }
+
+/// A charge lookup planned while `charges` was empty keeps its generic
+/// plan as the table grows (here: 3,000 charges, no statistics yet) until
+/// the table is analysed. `prime_statistics` analyses exactly the tables
+/// that outgrew the planner's guess without statistics, once: afterwards
+/// the same prepared lookup goes through the id index.
+#[tokio::test]
+async fn postgres_tables_that_grow_without_statistics_get_them() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let s = db.storage();
+    merchant(s, "mer_1", 1).await;
+    let mut conn = s.pool().acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "PREPARE lookup (text, text) AS SELECT id FROM charges WHERE merchant_id = $1 AND id = $2",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    async fn plan(conn: &mut sqlx::PgConnection) -> String {
+        let rows: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lookup ('mer_1', 'ch_7')")
+            .fetch_all(conn)
+            .await
+            .unwrap();
+        rows.join(" / ")
+    }
+    plan(&mut conn).await;
+    // Nothing has grown yet: nothing to analyse.
+    assert!(s.prime_statistics().await.unwrap().is_empty());
+    sqlx::query(
+        "INSERT INTO charges (id, merchant_id, customer_id, card_id, amount, currency, status, \
+         captured, capture_requested, processor, created_at, updated_at) \
+         SELECT 'ch_' || g, 'mer_1', 'cus_' || (g % 64), 'card_1', 100, 'USD', 'succeeded', \
+         1, 1, 'sandbox', g, g FROM generate_series(1, 3000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let analysed = s.prime_statistics().await.unwrap();
+    assert!(analysed.contains(&"charges".to_string()), "{analysed:?}");
+    let after = plan(&mut conn).await;
+    assert!(after.contains("charges_id_key"), "{after}");
+    // Once only: the table has statistics now.
+    let again = s.prime_statistics().await.unwrap();
+    assert!(!again.contains(&"charges".to_string()), "{again:?}");
+}
