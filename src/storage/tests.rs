@@ -2674,3 +2674,52 @@ async fn postgres_tables_that_grow_without_statistics_get_them() {
     let again = s.prime_statistics().await.unwrap();
     assert!(!again.contains(&"charges".to_string()), "{again:?}");
 }
+
+/// With statistics of a cards table whose customers average hundreds of
+/// cards (as after the load tool's add_card), the batched wallet query
+/// still looks each key up through an index: flattened into a join, its
+/// generic plan hashed the keys against a scan of every card.
+#[tokio::test]
+async fn postgres_wallet_reads_stay_per_key_with_statistics() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let s = db.storage();
+    merchant(s, "mer_1", 1).await;
+    for c in ["cus_1", "cus_2", "cus_3", "cus_4"] {
+        add_customer(s, "mer_1", c).await;
+    }
+    let mut conn = s.pool().acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO cards (id, merchant_id, customer_id, pan_ciphertext, dek_id, fingerprint, \
+         bin, last4, pan_length, brand, funding, exp_month, exp_year, status, created_at) \
+         SELECT 'card_' || g, 'mer_1', 'cus_' || (1 + g % 4), '\\x01'::bytea, 'dek_1', \
+         int8send(g), '424242', '4242', 16, 'visa', 'credit', 1, 2030, 'active', g \
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE cards")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "PREPARE wallets (text[], text[]) AS {}",
+        super::postgres::WALLETS_SQL
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE wallets ('{mer_1}', '{cus_1}')")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let plan = plan.join(" / ");
+    assert!(plan.contains("Nested Loop"), "{plan}");
+    assert!(!plan.contains("Seq Scan on cards"), "{plan}");
+}
