@@ -2637,24 +2637,9 @@ async fn postgres_tables_that_grow_without_statistics_get_them() {
     let s = db.storage();
     merchant(s, "mer_1", 1).await;
     let mut conn = s.pool().acquire().await.unwrap();
-    sqlx::query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query(
-        "PREPARE lookup (text, text) AS SELECT id FROM charges WHERE merchant_id = $1 AND id = $2",
-    )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    async fn plan(conn: &mut sqlx::PgConnection) -> String {
-        let rows: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lookup ('mer_1', 'ch_7')")
-            .fetch_all(conn)
-            .await
-            .unwrap();
-        rows.join(" / ")
-    }
-    plan(&mut conn).await;
+    let lookup = "SELECT id FROM charges WHERE merchant_id = $1 AND id = $2";
+    let args = "('mer_1', 'ch_7')";
+    generic_plan(&mut conn, "lookup", "(text, text)", lookup, args).await;
     // Nothing has grown yet: nothing to analyse.
     assert!(s.prime_statistics().await.unwrap().is_empty());
     sqlx::query(
@@ -2668,7 +2653,7 @@ async fn postgres_tables_that_grow_without_statistics_get_them() {
     .unwrap();
     let analysed = s.prime_statistics().await.unwrap();
     assert!(analysed.contains(&"charges".to_string()), "{analysed:?}");
-    let after = plan(&mut conn).await;
+    let after = explain_execute(&mut conn, "lookup", args).await;
     assert!(after.contains("charges_id_key"), "{after}");
     // Once only: the table has statistics now.
     let again = s.prime_statistics().await.unwrap();
@@ -2704,22 +2689,43 @@ async fn postgres_wallet_reads_stay_per_key_with_statistics() {
         .execute(&mut *conn)
         .await
         .unwrap();
+    let plan = generic_plan(
+        &mut conn,
+        "wallets",
+        "(text[], text[])",
+        super::postgres::WALLETS_SQL,
+        "('{mer_1}', '{cus_1}')",
+    )
+    .await;
+    assert!(plan.contains("Nested Loop"), "{plan}");
+    assert!(!plan.contains("Seq Scan on cards"), "{plan}");
+}
+
+/// Prepares `sql` as `name` on `conn` with generic plans forced, and
+/// returns the plan of executing it with `args`.
+async fn generic_plan(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    types: &str,
+    sql: &str,
+    args: &str,
+) -> String {
     sqlx::query("SET plan_cache_mode = force_generic_plan")
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query(&format!(
-        "PREPARE wallets (text[], text[]) AS {}",
-        super::postgres::WALLETS_SQL
-    ))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE wallets ('{mer_1}', '{cus_1}')")
-        .fetch_all(&mut *conn)
+    sqlx::query(&format!("PREPARE {name} {types} AS {sql}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    explain_execute(conn, name, args).await
+}
+
+/// The plan of executing the prepared statement `name` with `args`.
+async fn explain_execute(conn: &mut sqlx::PgConnection, name: &str, args: &str) -> String {
+    let rows: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} {args}"))
+        .fetch_all(conn)
         .await
         .unwrap();
-    let plan = plan.join(" / ");
-    assert!(plan.contains("Nested Loop"), "{plan}");
-    assert!(!plan.contains("Seq Scan on cards"), "{plan}");
+    rows.join(" / ")
 }
