@@ -40,7 +40,8 @@ const STATEMENT_CACHE: usize = 16;
 /// change, so that it can be undone alone. A single-row insert checks all
 /// of its constraints before it writes anything and needs none. A customer
 /// that is missing, or another merchant's, fails the foreign key on
-/// `(customer_id, merchant_id)` before any write: `NotFound` for the row.
+/// `(customer_id, merchant_id)` before any write: `NotFound` for the row
+/// (unless a unique conflict skips the row first: see `skipped_card`).
 const INSERT_CARD: &str = concat!(
     "INSERT INTO cards (",
     card_columns!(),
@@ -251,10 +252,10 @@ fn insert_cards(
     Ok(())
 }
 
-/// Why a card was not inserted (a conflict the insert skipped): the
-/// customer already has it (same fingerprint, perhaps from earlier in this
-/// batch), or its id is taken. (A missing customer fails the insert's
-/// foreign key instead; `NotFound` here is only a last resort.)
+/// Why a card was not inserted (a conflict the insert skipped, which
+/// SQLite checks before the foreign key): the customer already has it
+/// (same fingerprint, perhaps from earlier in this batch), its id is taken,
+/// or the customer is another merchant's and already has this card there.
 fn skipped_card(conn: &Connection, c: &CardRecord) -> StorageResult<StorageResult<CardInsert>> {
     let existing = conn
         .prepare_cached(CARD_BY_FINGERPRINT)
