@@ -638,6 +638,16 @@ async fn other_merchants_see_nothing(s: &dyn Storage) {
         )
         .await;
     assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    // So is a card that customer already has: the duplicate is skipped
+    // before any customer check, and still answers NotFound, never the
+    // other merchant's card.
+    let r = s
+        .insert_card(
+            &card("mer_b", "cus_a", "card_c", 1),
+            &audit("card.create", Some("mer_b"), None),
+        )
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
     // Same fingerprint under the other merchant's own customer is unrelated.
     assert_eq!(
         add_card(s, &card("mer_b", "cus_b", "card_b1", 1)).await,
