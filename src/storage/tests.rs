@@ -2273,6 +2273,11 @@ async fn postgres_is_durable_and_schema_holds_no_pan() {
             .await
             .unwrap();
         assert_eq!(sync, "on");
+        let jit: String = sqlx::query_scalar("SHOW jit")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(jit, "off");
     }
     drop(conns);
 
@@ -2709,6 +2714,9 @@ async fn postgres_wallet_reads_stay_per_key_with_statistics() {
     .await;
     assert!(plan.contains("Nested Loop"), "{plan}");
     assert!(!plan.contains("Seq Scan on cards"), "{plan}");
+    // The estimate (5,000 cards a customer) passes `jit_above_cost`; the
+    // vault's connections must not compile the query to read a wallet.
+    assert!(!plan.contains("JIT"), "{plan}");
 }
 
 /// Prepares `sql` as `name` on `conn` with generic plans forced, and
