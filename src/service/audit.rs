@@ -162,13 +162,34 @@ impl Vault {
 
     /// Signs a checkpoint over the chain head in the HSM, unless the newest
     /// checkpoint already covers it. Returns the head seq checkpointed.
+    ///
+    /// The chained entries are counted on from the newest checkpoint's
+    /// count rather than from the start of the log, so a checkpoint costs
+    /// what was appended since the last one. That count is carried forward
+    /// only once the HSM confirms its signature: a count altered in the
+    /// database makes this checkpoint count the whole log instead.
     pub async fn checkpoint(&self) -> ServiceResult<Option<i64>> {
-        let Some((head_seq, head_hash, entries)) = self.storage.chain_head().await? else {
+        let last = self.storage.latest_checkpoint().await?;
+        let counted = last.as_ref().map(|c| (c.head_seq, c.entries));
+        let Some((mut head_seq, mut head_hash, mut entries)) =
+            self.storage.chain_head(counted).await?
+        else {
             return Ok(None);
         };
-        if let Some(last) = self.storage.list_checkpoints().await?.last() {
+        if let Some(last) = &last {
             if last.head_seq == head_seq && last.head_hash == head_hash {
                 return Ok(Some(head_seq));
+            }
+            let expected = self.checkpoint_signature(last).await?;
+            if !bool::from(expected.as_slice().ct_eq(&last.signature)) {
+                tracing::warn!(
+                    checkpoint = last.seq,
+                    "the newest audit checkpoint does not verify; counting the whole log"
+                );
+                let Some(full) = self.storage.chain_head(None).await? else {
+                    return Ok(None);
+                };
+                (head_seq, head_hash, entries) = full;
             }
         }
         let at = now();
@@ -188,6 +209,20 @@ impl Vault {
             })
             .await?;
         Ok(Some(head_seq))
+    }
+
+    /// The signature the HSM gives `c`'s signed fields now: equal to the
+    /// stored one unless the checkpoint was altered or forged.
+    async fn checkpoint_signature(&self, c: &Checkpoint) -> ServiceResult<[u8; 32]> {
+        Ok(self
+            .keyring
+            .sign_checkpoint(Checkpoint::signed_bytes(
+                c.at,
+                c.head_seq,
+                &c.head_hash,
+                c.entries,
+            ))
+            .await?)
     }
 
     /// Walks the whole chain and every checkpoint, then records the run.
@@ -214,15 +249,7 @@ impl Vault {
         }
         let mut v = walk_chain(&rows, &keys);
         for c in &checkpoints {
-            let expected = self
-                .keyring
-                .sign_checkpoint(Checkpoint::signed_bytes(
-                    c.at,
-                    c.head_seq,
-                    &c.head_hash,
-                    c.entries,
-                ))
-                .await?;
+            let expected = self.checkpoint_signature(c).await?;
             v.findings.extend(check_checkpoint(c, &expected, &rows));
         }
         v.checkpoints = checkpoints.len() as i64;

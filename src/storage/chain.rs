@@ -56,6 +56,20 @@ pub(super) const INSERT_COLUMNS: &str = "INSERT INTO audit_log (at, actor, merch
 /// The hash of the chain's head (no row: the chain is empty).
 pub(super) const HEAD_HASH: &str = "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1";
 
+/// The checkpoint stored last.
+pub(super) const LATEST_CHECKPOINT: &str = "SELECT seq, at, head_seq, head_hash, entries, \
+     hsm_label, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1";
+
+/// Where `chain_head` starts counting chained rows, and what it adds:
+/// after `counted`'s seq with its count, or from the first row with 0 when
+/// there is none or it lies past the head `seq`.
+pub(super) fn count_from(counted: Option<(i64, i64)>, seq: i64) -> (i64, i64) {
+    match counted {
+        Some((after, entries)) if after <= seq => (after, entries),
+        _ => (i64::MIN, 0),
+    }
+}
+
 /// Rows per audit insert: 13 binds each stays far below both backends'
 /// limit on bound parameters.
 pub(super) const ROWS_PER_INSERT: usize = 500;

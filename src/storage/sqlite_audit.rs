@@ -154,7 +154,10 @@ impl AuditChainStore for SqliteStorage {
         Ok(rows.into_iter().map(ChainRow::from).collect())
     }
 
-    async fn chain_head(&self) -> StorageResult<Option<(i64, Vec<u8>, i64)>> {
+    async fn chain_head(
+        &self,
+        counted: Option<(i64, i64)>,
+    ) -> StorageResult<Option<(i64, Vec<u8>, i64)>> {
         let mut conn = self.pool().acquire().await.map_err(db_err)?;
         let head: Option<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, hash FROM audit_log WHERE hash IS NOT NULL ORDER BY seq DESC LIMIT 1",
@@ -165,14 +168,16 @@ impl AuditChainStore for SqliteStorage {
         let Some((seq, hash)) = head else {
             return Ok(None);
         };
+        let (after, base) = super::chain::count_from(counted, seq);
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM audit_log WHERE hash IS NOT NULL AND seq <= ?",
+            "SELECT count(*) FROM audit_log WHERE hash IS NOT NULL AND seq > ? AND seq <= ?",
         )
+        .bind(after)
         .bind(seq)
         .fetch_one(&mut *conn)
         .await
         .map_err(db_err)?;
-        Ok(Some((seq, hash, n)))
+        Ok(Some((seq, hash, base + n)))
     }
 
     async fn insert_checkpoint(&self, c: &Checkpoint) -> StorageResult<()> {
@@ -203,6 +208,14 @@ impl AuditChainStore for SqliteStorage {
         .await
         .map_err(db_err)?;
         Ok(rows.into_iter().map(Checkpoint::from).collect())
+    }
+
+    async fn latest_checkpoint(&self) -> StorageResult<Option<Checkpoint>> {
+        let row: Option<CheckpointRow> = sqlx::query_as(super::chain::LATEST_CHECKPOINT)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(Checkpoint::from))
     }
 
     async fn audit_event_counts(&self) -> StorageResult<Vec<(String, String, i64)>> {

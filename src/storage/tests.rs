@@ -127,6 +127,7 @@ on_both_backends!(
     idempotency_keys,
     data_keys_and_seal_reservations,
     audit_append_and_list,
+    chain_head_counts_on_from_a_known_count,
     batched_writes_fail_alone_and_keep_the_chain,
     mixed_batches_keep_every_write,
     batched_charge_writes_check_versions_per_row,
@@ -2556,6 +2557,55 @@ async fn sqlite_writes_outside_the_writer_get_their_turn() {
         .map(|d| d.event_id)
         .collect();
     assert_eq!(delivered, recorded);
+}
+
+/// `chain_head` with a known `(seq, count)` counts only the chained rows
+/// after that seq and adds them to the count; one past the head is
+/// ignored. `latest_checkpoint` is the one stored last.
+async fn chain_head_counts_on_from_a_known_count(s: &dyn Storage) {
+    assert!(s.chain_head(None).await.unwrap().is_none());
+    assert!(s.latest_checkpoint().await.unwrap().is_none());
+    for i in 0..5 {
+        let r = format!("r{i}");
+        s.append_audit(&audit("x.one", None, Some(&r)))
+            .await
+            .unwrap();
+    }
+    let (seq1, _, n1) = s.chain_head(None).await.unwrap().unwrap();
+    assert_eq!(n1, 5);
+    for i in 0..7 {
+        let r = format!("s{i}");
+        s.append_audit(&audit("x.two", None, Some(&r)))
+            .await
+            .unwrap();
+    }
+    let (seq2, hash2, n2) = s.chain_head(None).await.unwrap().unwrap();
+    assert_eq!(n2, 12);
+    let on = s.chain_head(Some((seq1, n1))).await.unwrap().unwrap();
+    assert_eq!(on, (seq2, hash2, 12));
+    // It adds to the count it is given instead of recounting the log...
+    let given = s.chain_head(Some((seq1, 100))).await.unwrap().unwrap();
+    assert_eq!(given.2, 107);
+    // ...from exactly after that seq.
+    let at_head = s.chain_head(Some((seq2, 12))).await.unwrap().unwrap();
+    assert_eq!(at_head.2, 12);
+    let past = s.chain_head(Some((seq2 + 1, 100))).await.unwrap().unwrap();
+    assert_eq!(past.2, 12);
+    for (head_seq, entries) in [(seq1, n1), (seq2, n2)] {
+        s.insert_checkpoint(&Checkpoint {
+            seq: 0,
+            at: 1_700_000_000,
+            head_seq,
+            head_hash: vec![7; 32],
+            entries,
+            hsm_label: "cv-audit-v1".to_string(),
+            signature: vec![1; 32],
+        })
+        .await
+        .unwrap();
+    }
+    let latest = s.latest_checkpoint().await.unwrap().unwrap();
+    assert_eq!((latest.head_seq, latest.entries), (seq2, 12));
 }
 
 /// The SQLite writes that run outside the group commit and outside any

@@ -209,6 +209,74 @@ mod tamper_sqlite {
     }
 }
 
+/// Chained entries up to `seq`, counted from the whole log.
+async fn chained_upto(app: &TestApp, seq: i64) -> i64 {
+    app.storage()
+        .chain_rows(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.hash.is_some() && r.seq <= seq)
+        .count() as i64
+}
+
+/// A checkpoint counts on from the newest checkpoint's count, and each
+/// count equals the whole log's; a count altered in the database (its
+/// signature no longer verifies) is not carried into the next checkpoint.
+async fn checkpoints_count_on_from_a_verified_count(backend: Backend) {
+    let app = TestApp::spawn(backend, CryptoMode::Envelope).await;
+    for _ in 0..2 {
+        activity(&app).await;
+        app.vault.checkpoint().await.unwrap().unwrap();
+    }
+    // Ours, and any the vault made on its own (one at start).
+    let cps = app.storage().list_checkpoints().await.unwrap();
+    assert!(cps.len() >= 2, "{cps:?}");
+    for c in &cps {
+        assert_eq!(c.entries, chained_upto(&app, c.head_seq).await, "{c:?}");
+    }
+    let altered_seq = cps.last().unwrap().head_seq;
+    let altered = match backend {
+        Backend::Sqlite => "DROP TRIGGER audit_checkpoints_no_update",
+        Backend::Postgres => "DROP TRIGGER audit_checkpoints_no_change ON audit_checkpoints",
+    };
+    exec_sql(
+        &app,
+        &[
+            altered,
+            "UPDATE audit_checkpoints SET entries = entries + 7 \
+             WHERE seq = (SELECT max(seq) FROM audit_checkpoints)",
+        ],
+    )
+    .await;
+    activity(&app).await;
+    let head = app.vault.checkpoint().await.unwrap().unwrap();
+    let cps = app.storage().list_checkpoints().await.unwrap();
+    let newest = cps.last().unwrap();
+    assert_eq!(newest.head_seq, head);
+    assert_eq!(
+        newest.entries,
+        chained_upto(&app, newest.head_seq).await,
+        "the altered count was carried forward: {newest:?}"
+    );
+    // Only the altered checkpoint is reported.
+    let v = app.vault.verify_audit("test").await.unwrap();
+    let kinds: Vec<_> = v.findings.iter().map(|f| (f.kind, f.seq)).collect();
+    assert_eq!(kinds, vec![(Tamper::ForgedCheckpoint, altered_seq)]);
+    app.stop().await;
+}
+
+mod checkpoint_counts {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::checkpoints_count_on_from_a_verified_count(super::Backend::Sqlite).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::checkpoints_count_on_from_a_verified_count(super::Backend::Postgres).await
+    }
+}
+
 /// Cutting the tail (entries after the last checkpoint's head included) is
 /// caught by the HSM-signed checkpoint.
 async fn truncated_tail_is_detected(backend: Backend, mode: CryptoMode) {
