@@ -89,6 +89,18 @@ pub(super) const CONNECTION_PRAGMAS: [(&str, &str); 6] = [
     ("wal_autocheckpoint", "16384"),
 ];
 
+/// The page cache, in KiB, of every SQLite connection but the writers'
+/// (the pool's, the lean and inline reads', the WAL checkpointer's), set as
+/// `cache_size = -READ_CACHE_KIB`. SQLite's default is 2,000 KiB per
+/// connection. Readers gain little from more: every commit changes the
+/// database, and a reader's next transaction then empties its cache. But
+/// with dozens of connections, caches filled by a long read under load (the
+/// periodic audit checkpoint's count) stayed in the process: in a 60-second
+/// load run, RSS stepped from 52 to 78 MiB at the first checkpoint, and
+/// with this cap to 62 MiB. The writers keep the default, since their
+/// cache is what saves them reading back the pages of a batch's indexes.
+pub(super) const READ_CACHE_KIB: i64 = 256;
+
 /// SQLite primary result codes that mean "try again later" rather than a bug:
 /// BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
 fn is_transient(db: &dyn DatabaseError) -> bool {
@@ -119,14 +131,17 @@ impl SqliteStorage {
                 .busy_timeout(BUSY_TIMEOUT),
             |options, (name, value)| options.pragma(*name, *value),
         );
+        let reader = options
+            .clone()
+            .pragma("cache_size", format!("-{READ_CACHE_KIB}"));
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(|conn, _| Box::pin(async move { Ok(common::reusable(conn)) }))
-            .connect_with(options.clone())
+            .connect_with(reader.clone())
             .await
             .map_err(db_err)?;
-        let reads = LeanPool::new(options.clone(), max_connections, ACQUIRE_TIMEOUT);
+        let reads = LeanPool::new(reader.clone(), max_connections, ACQUIRE_TIMEOUT);
         // The pool above has created the file: the inline reads open it.
         let inline = Arc::new(InlineReads::new(
             options.get_filename().to_path_buf(),
@@ -138,7 +153,7 @@ impl SqliteStorage {
         let checkpointer = Arc::new(());
         // Never creates a database: it only checkpoints the one opened here.
         sqlite_checkpoint::start(
-            options.clone().create_if_missing(false),
+            reader.create_if_missing(false),
             Arc::clone(&write_gate),
             Arc::downgrade(&checkpointer),
             CheckpointPolicy::default(),

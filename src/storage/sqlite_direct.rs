@@ -454,6 +454,9 @@ mod tests {
         assert_eq!(direct.pragma("foreign_keys").unwrap(), "1");
         assert_eq!(direct.pragma("secure_delete").unwrap(), "1");
         assert_eq!(direct.pragma("temp_store").unwrap(), "2");
+        // The writer keeps SQLite's default page cache; only the readers'
+        // is cut (see `READ_CACHE_KIB`).
+        assert_eq!(direct.pragma("cache_size").unwrap(), "-2000");
     }
 
     #[tokio::test]

@@ -2228,6 +2228,13 @@ async fn sqlite_is_durable_and_schema_holds_no_pan() {
         .await
         .unwrap();
     assert_eq!(secure_delete, 1);
+    // A small page cache on the pool's connections; the writer's direct
+    // connection keeps SQLite's default (see `READ_CACHE_KIB`).
+    let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(cache, -256);
 
     for table in TABLES {
         let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
