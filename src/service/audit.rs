@@ -498,11 +498,21 @@ fn check_checkpoint(
     }
     let upto = rows.partition_point(|r| r.seq <= c.head_seq);
     let chained_upto = upto.checked_sub(1).map_or(0, |i| chained[i]);
-    match rows[..upto].last() {
-        Some(r) if r.seq == c.head_seq && r.hash.as_deref() != Some(c.head_hash.as_slice()) => {
-            None // reported by the walk
+    let before = rows[..upto].last();
+    match before.filter(|r| r.seq == c.head_seq) {
+        None => {
+            let last = before.map_or(0, |r| r.seq);
+            Some(Finding {
+                seq: c.head_seq,
+                kind: Tamper::Deleted,
+                message: format!(
+                    "entry seq {} was deleted: checkpoint {} signed it as the chain head; the log now ends at seq {last} before it",
+                    c.head_seq, c.seq
+                ),
+            })
         }
-        Some(r) if r.seq == c.head_seq && chained_upto != c.entries => Some(Finding {
+        Some(r) if r.hash.as_deref() != Some(c.head_hash.as_slice()) => None, // reported by the walk
+        Some(_) if chained_upto != c.entries => Some(Finding {
             seq: c.head_seq,
             kind: if chained_upto < c.entries {
                 Tamper::Deleted
@@ -514,18 +524,7 @@ fn check_checkpoint(
                 c.seq, c.entries, c.head_seq
             ),
         }),
-        Some(r) if r.seq == c.head_seq => None,
-        before => {
-            let last = before.map_or(0, |r| r.seq);
-            Some(Finding {
-                seq: c.head_seq,
-                kind: Tamper::Deleted,
-                message: format!(
-                    "entry seq {} was deleted: checkpoint {} signed it as the chain head; the log now ends at seq {last} before it",
-                    c.head_seq, c.seq
-                ),
-            })
-        }
+        Some(_) => None,
     }
 }
 
