@@ -439,6 +439,12 @@ pub trait AuditChainStore: Send + Sync {
     fn set_audit_sealer(&self, sealer: std::sync::Arc<dyn AuditSealer>);
     /// Rows in `seq` order with their chain fields.
     async fn chain_rows(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<ChainRow>>;
+    /// The highest `seq` in the log (0 when it is empty).
+    async fn chain_end(&self) -> StorageResult<i64>;
+    /// Every hash that more than one row up to `upto_seq` holds. Counted
+    /// by the database, so that finding replayed entries needs no memory
+    /// in proportion to the log.
+    async fn chain_duplicate_hashes(&self, upto_seq: i64) -> StorageResult<Vec<Vec<u8>>>;
     /// `(seq, hash, chained entries up to it)` of the newest chained row.
     /// `counted` is `(seq, entries)` already known to hold (a checkpoint's
     /// head and count): then only the chained rows after that seq are

@@ -161,6 +161,24 @@ impl AuditChainStore for PgStorage {
         Ok(rows.into_iter().map(ChainRow::from).collect())
     }
 
+    async fn chain_end(&self) -> StorageResult<i64> {
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_log")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db_err)
+    }
+
+    async fn chain_duplicate_hashes(&self, upto_seq: i64) -> StorageResult<Vec<Vec<u8>>> {
+        sqlx::query_scalar(
+            "SELECT hash FROM audit_log WHERE seq <= $1 AND hash IS NOT NULL \
+             GROUP BY hash HAVING count(*) > 1",
+        )
+        .bind(upto_seq)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)
+    }
+
     async fn chain_head(
         &self,
         counted: Option<(i64, i64)>,

@@ -179,6 +179,19 @@ impl SqliteStorage {
         &self.pool
     }
 
+    /// Runs `read` on an inline connection on a blocking thread: for reads
+    /// of thousands of rows (an audit walk's pages), which must neither
+    /// hold a runtime thread nor pay sqlx's hand-off per row.
+    pub(super) async fn bulk_read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, Inline> {
+        let inline = Arc::clone(&self.inline);
+        tokio::task::spawn_blocking(move || inline.run(read))
+            .await
+            .unwrap_or(Err(Inline::Fallback))
+    }
+
     /// The card views `sql` selects with its two binds: inline, or from the
     /// pool when the inline read would have had to wait.
     async fn card_views(

@@ -11,6 +11,7 @@ use super::common::{
     api_key_columns, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow, MerchantRow,
 };
 use super::sqlite::db_err;
+use super::sqlite_inline::or_pool;
 use super::{
     AdminStore, ApiKeyRecord, AuditChainStore, AuditEntry, AuditSealer, DataKeyRecord,
     HsmKeyRecord, MerchantRecord, Reseal, ScanHit, SqliteStorage, StaleCard, StorageError,
@@ -109,6 +110,37 @@ impl SqliteStorage {
     }
 }
 
+/// The chain rows after a seq, in order, a page at a time.
+const CHAIN_PAGE: &str = "SELECT seq, at, actor, merchant_id, event, resource, outcome, origin, \
+     request_id, detail, prev_hash, hash, mac, mac_key_id FROM audit_log WHERE seq > ? \
+     ORDER BY seq LIMIT ?";
+
+/// Hashes more than one row up to a seq holds.
+const DUPLICATE_HASHES: &str = "SELECT hash FROM audit_log WHERE seq <= ? AND hash IS NOT NULL \
+     GROUP BY hash HAVING count(*) > 1";
+
+/// A [`CHAIN_PAGE`] row read by `rusqlite`.
+fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
+    Ok(ChainRow {
+        seq: r.get(0)?,
+        entry: AuditEntry {
+            at: r.get(1)?,
+            actor: r.get(2)?,
+            merchant_id: r.get(3)?,
+            event: r.get(4)?,
+            resource: r.get(5)?,
+            outcome: r.get(6)?,
+            origin: r.get(7)?,
+            request_id: r.get(8)?,
+            detail: r.get(9)?,
+        },
+        prev_hash: r.get(10)?,
+        hash: r.get(11)?,
+        mac: r.get(12)?,
+        mac_key_id: r.get(13)?,
+    })
+}
+
 #[derive(sqlx::FromRow)]
 struct CheckpointRow {
     seq: i64,
@@ -140,18 +172,58 @@ impl AuditChainStore for SqliteStorage {
         self.sealer.set(sealer);
     }
 
+    /// A page of the chain, read on a blocking thread straight from SQLite:
+    /// through sqlx each row is a message from the connection's thread and
+    /// a copy of every column, which made `audit verify` take about 19 µs
+    /// a row. The pool answers when the direct read would have to wait.
     async fn chain_rows(&self, after_seq: i64, limit: u32) -> StorageResult<Vec<ChainRow>> {
-        let rows: Vec<ChainDbRow> = sqlx::query_as(
-            "SELECT seq, at, actor, merchant_id, event, resource, outcome, origin, request_id, \
-             detail, prev_hash, hash, mac, mac_key_id FROM audit_log WHERE seq > ? \
-             ORDER BY seq LIMIT ?",
-        )
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_all(self.pool())
+        let direct = self
+            .bulk_read(move |c| {
+                c.prepare_cached(CHAIN_PAGE)?
+                    .query_map((after_seq, i64::from(limit)), chain_row)?
+                    .collect()
+            })
+            .await;
+        or_pool(direct, async {
+            let rows: Vec<ChainDbRow> = sqlx::query_as(CHAIN_PAGE)
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await
+                .map_err(db_err)?;
+            Ok(rows.into_iter().map(ChainRow::from).collect())
+        })
         .await
-        .map_err(db_err)?;
-        Ok(rows.into_iter().map(ChainRow::from).collect())
+    }
+
+    async fn chain_end(&self) -> StorageResult<i64> {
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_log")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db_err)
+    }
+
+    /// On a direct connection: its temporary storage is a file, so the
+    /// sort behind `GROUP BY` spills to disk past a small cache. The pool's
+    /// connections keep temporary storage in memory, which for this query
+    /// grows with the log (the pool answers only when the direct read would
+    /// have to wait).
+    async fn chain_duplicate_hashes(&self, upto_seq: i64) -> StorageResult<Vec<Vec<u8>>> {
+        let direct = self
+            .bulk_read(move |c| {
+                c.prepare_cached(DUPLICATE_HASHES)?
+                    .query_map([upto_seq], |r| r.get(0))?
+                    .collect()
+            })
+            .await;
+        or_pool(direct, async {
+            sqlx::query_scalar(DUPLICATE_HASHES)
+                .bind(upto_seq)
+                .fetch_all(self.pool())
+                .await
+                .map_err(db_err)
+        })
+        .await
     }
 
     async fn chain_head(

@@ -184,6 +184,28 @@ async fn tampering_is_detected_and_named(backend: Backend) {
     .await;
     tamper_case(
         backend,
+        "replay",
+        |t, _| {
+            // Make room after `t`, then copy entry `t` there whole: its MAC
+            // verifies, only its hash repeats an earlier one.
+            vec![
+                format!("UPDATE audit_log SET seq = -seq WHERE seq > {t}"),
+                format!("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0"),
+                format!(
+                    "INSERT INTO audit_log (seq, at, actor, merchant_id, event, resource, outcome, origin, \
+                     request_id, detail, prev_hash, hash, mac, mac_key_id) \
+                     SELECT {n}, at, actor, merchant_id, event, resource, outcome, origin, \
+                     request_id, detail, prev_hash, hash, mac, mac_key_id FROM audit_log WHERE seq = {t}",
+                    n = t + 1
+                ),
+            ]
+        },
+        Tamper::Inserted,
+        8,
+    )
+    .await;
+    tamper_case(
+        backend,
         "reorder",
         |t, n| {
             vec![
