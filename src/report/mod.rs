@@ -116,7 +116,7 @@ pub async fn build(vault: &Vault, cfg: &Config) -> ServiceResult<Report> {
 async fn pan_scan_check(vault: &Vault) -> ServiceResult<Check> {
     let (hits, values) = vault
         .storage()
-        .scan_all_columns(&|cell: &[u8]| pan_scan::contains_pan(cell))
+        .scan_all_columns(pan_scan::contains_pan)
         .await?;
     let n: i64 = hits.iter().map(|h| h.rows).sum();
     let finding = if hits.is_empty() {

@@ -550,10 +550,11 @@ pub trait AdminStore: Send + Sync {
     /// Revokes an API key, recording `audit`.
     async fn revoke_api_key(&self, id: &str, at: i64, audit: &AuditEntry) -> StorageResult<()>;
     /// Every text and binary value of every column of every table, offered
-    /// to `matches`; counts matching rows per column.
+    /// to `matches`; counts matching rows per column. Values are streamed,
+    /// never held a column at a time.
     async fn scan_all_columns(
         &self,
-        matches: &(dyn for<'b> Fn(&'b [u8]) -> bool + Send + Sync),
+        matches: for<'b> fn(&'b [u8]) -> bool,
     ) -> StorageResult<(Vec<ScanHit>, i64)>;
     /// Rows of `table` whose `column` is below `before` (and, with `held`,
     /// whose `held` column is not NULL); `None` when the table or column

@@ -5,6 +5,7 @@
 //! other and the chain stays linear.
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use sqlx::{PgConnection, Row};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
@@ -488,7 +489,7 @@ impl AdminStore for PgStorage {
 
     async fn scan_all_columns(
         &self,
-        matches: &(dyn for<'b> Fn(&'b [u8]) -> bool + Send + Sync),
+        matches: for<'b> fn(&'b [u8]) -> bool,
     ) -> StorageResult<(Vec<ScanHit>, i64)> {
         let mut conn = self.pool().acquire().await.map_err(db_err)?;
         let columns: Vec<(String, String, String)> = sqlx::query_as(
@@ -504,27 +505,25 @@ impl AdminStore for PgStorage {
         for (table, column, data_type) in columns {
             let (t, c) = (table.replace('"', "\"\""), column.replace('"', "\"\""));
             // Binary columns as their bytes; everything else as its text.
-            let cells: Vec<Option<Vec<u8>>> = if data_type == "bytea" {
-                sqlx::query_scalar(&format!("SELECT \"{c}\" FROM \"{t}\""))
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(db_err)?
-            } else {
-                let texts: Vec<Option<String>> =
-                    sqlx::query_scalar(&format!("SELECT \"{c}\"::text FROM \"{t}\""))
-                        .fetch_all(&mut *conn)
-                        .await
-                        .map_err(db_err)?;
-                texts
-                    .into_iter()
-                    .map(|s| s.map(String::into_bytes))
-                    .collect()
-            };
+            // Streamed: a column of a large table is never held whole.
             let mut rows = 0;
-            for cell in cells.iter().flatten() {
-                values += 1;
-                if matches(cell) {
-                    rows += 1;
+            if data_type == "bytea" {
+                let sql = format!("SELECT \"{c}\" FROM \"{t}\"");
+                let mut cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
+                while let Some(cell) = cells.try_next().await.map_err(db_err)? {
+                    if let Some(cell) = cell {
+                        values += 1;
+                        rows += i64::from(matches(&cell));
+                    }
+                }
+            } else {
+                let sql = format!("SELECT \"{c}\"::text FROM \"{t}\"");
+                let mut cells = sqlx::query_scalar::<_, Option<String>>(&sql).fetch(&mut *conn);
+                while let Some(cell) = cells.try_next().await.map_err(db_err)? {
+                    if let Some(cell) = cell {
+                        values += 1;
+                        rows += i64::from(matches(cell.as_bytes()));
+                    }
                 }
             }
             if rows > 0 {

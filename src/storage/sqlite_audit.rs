@@ -4,6 +4,7 @@
 //! (`BEGIN IMMEDIATE`), so reading the head and appending after it is safe.
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
@@ -110,10 +111,56 @@ impl SqliteStorage {
     }
 }
 
+impl SqliteStorage {
+    /// `(values, matching values)` of the single column `sql` selects,
+    /// read on a blocking thread straight from SQLite (through sqlx each
+    /// value is a message from the connection's thread and a copy; the
+    /// report offered about 14 values per audit entry that way). The pool
+    /// streams it when the direct read would have to wait.
+    async fn scan_column(
+        &self,
+        sql: String,
+        matches: for<'b> fn(&'b [u8]) -> bool,
+    ) -> StorageResult<(i64, i64)> {
+        let query = sql.clone();
+        let direct = self
+            .bulk_read(move |c| {
+                let mut stmt = c.prepare(&query)?;
+                let mut rows = stmt.query([])?;
+                let (mut values, mut hits) = (0i64, 0i64);
+                while let Some(row) = rows.next()? {
+                    if let rusqlite::types::ValueRef::Blob(cell) = row.get_ref(0)? {
+                        values += 1;
+                        hits += i64::from(matches(cell));
+                    }
+                }
+                Ok((values, hits))
+            })
+            .await;
+        or_pool(direct, async {
+            let mut conn = self.pool().acquire().await.map_err(db_err)?;
+            let mut cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
+            let (mut values, mut hits) = (0i64, 0i64);
+            while let Some(cell) = cells.try_next().await.map_err(db_err)? {
+                if let Some(cell) = cell {
+                    values += 1;
+                    hits += i64::from(matches(&cell));
+                }
+            }
+            Ok((values, hits))
+        })
+        .await
+    }
+}
+
 /// The chain rows after a seq, in order, a page at a time.
 const CHAIN_PAGE: &str = "SELECT seq, at, actor, merchant_id, event, resource, outcome, origin, \
      request_id, detail, prev_hash, hash, mac, mac_key_id FROM audit_log WHERE seq > ? \
      ORDER BY seq LIMIT ?";
+
+/// Entries per event and outcome, over the whole log.
+const EVENT_COUNTS: &str = "SELECT event, outcome, count(*) FROM audit_log \
+     GROUP BY event, outcome ORDER BY event, outcome";
 
 /// Hashes more than one row up to a seq holds.
 const DUPLICATE_HASHES: &str = "SELECT hash FROM audit_log WHERE seq <= ? AND hash IS NOT NULL \
@@ -290,11 +337,25 @@ impl AuditChainStore for SqliteStorage {
         Ok(row.map(Checkpoint::from))
     }
 
+    /// On a direct connection, for the same reason as
+    /// [`chain_duplicate_hashes`](AuditChainStore::chain_duplicate_hashes):
+    /// the sort behind `GROUP BY` over the whole log spills to a file
+    /// there, where the pool's connections would hold it in memory.
     async fn audit_event_counts(&self) -> StorageResult<Vec<(String, String, i64)>> {
-        sqlx::query_as("SELECT event, outcome, count(*) FROM audit_log GROUP BY event, outcome ORDER BY event, outcome")
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)
+        let direct = self
+            .bulk_read(|c| {
+                c.prepare_cached(EVENT_COUNTS)?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .await;
+        or_pool(direct, async {
+            sqlx::query_as(EVENT_COUNTS)
+                .fetch_all(self.pool())
+                .await
+                .map_err(db_err)
+        })
+        .await
     }
 }
 
@@ -536,14 +597,13 @@ impl AdminStore for SqliteStorage {
 
     async fn scan_all_columns(
         &self,
-        matches: &(dyn for<'b> Fn(&'b [u8]) -> bool + Send + Sync),
+        matches: for<'b> fn(&'b [u8]) -> bool,
     ) -> StorageResult<(Vec<ScanHit>, i64)> {
-        let mut conn = self.pool().acquire().await.map_err(db_err)?;
         let tables: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
              ORDER BY name",
         )
-        .fetch_all(&mut *conn)
+        .fetch_all(self.pool())
         .await
         .map_err(db_err)?;
         let mut hits = Vec::new();
@@ -552,26 +612,18 @@ impl AdminStore for SqliteStorage {
             let columns: Vec<String> =
                 sqlx::query_scalar("SELECT name FROM pragma_table_info(?) ORDER BY cid")
                     .bind(&table)
-                    .fetch_all(&mut *conn)
+                    .fetch_all(self.pool())
                     .await
                     .map_err(db_err)?;
             for column in columns {
                 // CAST to BLOB gives the stored bytes of text and numbers alike.
-                let cells: Vec<Option<Vec<u8>>> = sqlx::query_scalar(&format!(
+                let sql = format!(
                     "SELECT CAST(\"{}\" AS BLOB) FROM \"{}\"",
                     column.replace('"', "\"\""),
                     table.replace('"', "\"\"")
-                ))
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db_err)?;
-                let mut rows = 0;
-                for cell in cells.iter().flatten() {
-                    values += 1;
-                    if matches(cell) {
-                        rows += 1;
-                    }
-                }
+                );
+                let (seen, rows) = self.scan_column(sql, matches).await?;
+                values += seen;
                 if rows > 0 {
                     hits.push(ScanHit {
                         table: table.clone(),
