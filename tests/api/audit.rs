@@ -138,6 +138,24 @@ async fn tamper_case(
     app.stop().await;
 }
 
+/// Every column of `audit_log` after `seq`, in table order.
+const AUDIT_COLUMNS: &str = "at, actor, merchant_id, event, resource, outcome, origin, \
+    request_id, detail, prev_hash, hash, mac, mac_key_id";
+
+/// Makes room after seq `t`, then inserts there the row `select` (columns
+/// in [`AUDIT_COLUMNS`] order) makes of entry `t`.
+fn insert_after(t: i64, select: &str) -> Vec<String> {
+    vec![
+        format!("UPDATE audit_log SET seq = -seq WHERE seq > {t}"),
+        format!("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0"),
+        format!(
+            "INSERT INTO audit_log (seq, {AUDIT_COLUMNS}) \
+             SELECT {n}, {select} FROM audit_log WHERE seq = {t}",
+            n = t + 1
+        ),
+    ]
+}
+
 async fn tampering_is_detected_and_named(backend: Backend) {
     tamper_case(
         backend,
@@ -163,20 +181,13 @@ async fn tampering_is_detected_and_named(backend: Backend) {
         backend,
         "insert",
         |t, _| {
-            // Make room after `t`, then forge an entry there (copying the
-            // chain fields of its predecessor: without the audit key no MAC
-            // can be made).
-            vec![
-                format!("UPDATE audit_log SET seq = -seq WHERE seq > {t}"),
-                format!("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0"),
-                format!(
-                    "INSERT INTO audit_log (seq, at, actor, merchant_id, event, resource, outcome, origin, \
-                     request_id, detail, prev_hash, hash, mac, mac_key_id) \
-                     SELECT {n}, at, 'operator', merchant_id, 'card.delete', resource, 'success', origin, \
-                     request_id, NULL, hash, mac, mac, mac_key_id FROM audit_log WHERE seq = {t}",
-                    n = t + 1
-                ),
-            ]
+            // A forged entry (copying the chain fields of its predecessor:
+            // without the audit key no MAC can be made).
+            insert_after(
+                t,
+                "at, 'operator', merchant_id, 'card.delete', resource, 'success', origin, \
+                 request_id, NULL, hash, mac, mac, mac_key_id",
+            )
         },
         Tamper::Inserted,
         8,
@@ -186,19 +197,9 @@ async fn tampering_is_detected_and_named(backend: Backend) {
         backend,
         "replay",
         |t, _| {
-            // Make room after `t`, then copy entry `t` there whole: its MAC
-            // verifies, only its hash repeats an earlier one.
-            vec![
-                format!("UPDATE audit_log SET seq = -seq WHERE seq > {t}"),
-                format!("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0"),
-                format!(
-                    "INSERT INTO audit_log (seq, at, actor, merchant_id, event, resource, outcome, origin, \
-                     request_id, detail, prev_hash, hash, mac, mac_key_id) \
-                     SELECT {n}, at, actor, merchant_id, event, resource, outcome, origin, \
-                     request_id, detail, prev_hash, hash, mac, mac_key_id FROM audit_log WHERE seq = {t}",
-                    n = t + 1
-                ),
-            ]
+            // Entry `t` copied whole: its MAC verifies, only its hash
+            // repeats an earlier one.
+            insert_after(t, AUDIT_COLUMNS)
         },
         Tamper::Inserted,
         8,
