@@ -547,3 +547,21 @@ impl From<ChainDbRow> for super::chain::ChainRow {
 pub(super) fn reusable(conn: &impl sqlx::Connection) -> bool {
     !conn.is_in_transaction()
 }
+
+/// Offers each non-NULL value a one-column query streams to `matches`;
+/// returns `(values, matching values)`. The column is never held whole.
+pub(super) async fn count_matching<T: AsRef<[u8]>>(
+    mut cells: impl futures_util::Stream<Item = Result<Option<T>, sqlx::Error>> + Unpin,
+    matches: for<'b> fn(&'b [u8]) -> bool,
+    err: fn(sqlx::Error) -> StorageError,
+) -> StorageResult<(i64, i64)> {
+    use futures_util::TryStreamExt;
+    let (mut values, mut hits) = (0i64, 0i64);
+    while let Some(cell) = cells.try_next().await.map_err(err)? {
+        if let Some(cell) = cell {
+            values += 1;
+            hits += i64::from(matches(cell.as_ref()));
+        }
+    }
+    Ok((values, hits))
+}

@@ -5,12 +5,12 @@
 //! other and the chain stays linear.
 
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use sqlx::{PgConnection, Row};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
 use super::common::{
-    api_key_columns, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow, MerchantRow,
+    api_key_columns, count_matching, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow,
+    MerchantRow,
 };
 use super::postgres::db_err;
 use super::{
@@ -505,27 +505,16 @@ impl AdminStore for PgStorage {
         for (table, column, data_type) in columns {
             let (t, c) = (table.replace('"', "\"\""), column.replace('"', "\"\""));
             // Binary columns as their bytes; everything else as its text.
-            // Streamed: a column of a large table is never held whole.
-            let mut rows = 0;
-            if data_type == "bytea" {
+            let (seen, rows) = if data_type == "bytea" {
                 let sql = format!("SELECT \"{c}\" FROM \"{t}\"");
-                let mut cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
-                while let Some(cell) = cells.try_next().await.map_err(db_err)? {
-                    if let Some(cell) = cell {
-                        values += 1;
-                        rows += i64::from(matches(&cell));
-                    }
-                }
+                let cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
+                count_matching(cells, matches, db_err).await?
             } else {
                 let sql = format!("SELECT \"{c}\"::text FROM \"{t}\"");
-                let mut cells = sqlx::query_scalar::<_, Option<String>>(&sql).fetch(&mut *conn);
-                while let Some(cell) = cells.try_next().await.map_err(db_err)? {
-                    if let Some(cell) = cell {
-                        values += 1;
-                        rows += i64::from(matches(cell.as_bytes()));
-                    }
-                }
-            }
+                let cells = sqlx::query_scalar::<_, Option<String>>(&sql).fetch(&mut *conn);
+                count_matching(cells, matches, db_err).await?
+            };
+            values += seen;
             if rows > 0 {
                 hits.push(ScanHit {
                     table: table.clone(),

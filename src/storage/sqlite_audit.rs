@@ -4,12 +4,12 @@
 //! (`BEGIN IMMEDIATE`), so reading the head and appending after it is safe.
 
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::chain::{self, ChainRow, Checkpoint, SealerCell};
 use super::common::{
-    api_key_columns, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow, MerchantRow,
+    api_key_columns, count_matching, data_key_columns, ApiKeyRow, ChainDbRow, DataKeyRow,
+    MerchantRow,
 };
 use super::sqlite::db_err;
 use super::sqlite_inline::or_pool;
@@ -109,9 +109,7 @@ impl SqliteStorage {
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
     }
-}
 
-impl SqliteStorage {
     /// `(values, matching values)` of the single column `sql` selects,
     /// read on a blocking thread straight from SQLite (through sqlx each
     /// value is a message from the connection's thread and a copy; the
@@ -139,15 +137,8 @@ impl SqliteStorage {
             .await;
         or_pool(direct, async {
             let mut conn = self.pool().acquire().await.map_err(db_err)?;
-            let mut cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
-            let (mut values, mut hits) = (0i64, 0i64);
-            while let Some(cell) = cells.try_next().await.map_err(db_err)? {
-                if let Some(cell) = cell {
-                    values += 1;
-                    hits += i64::from(matches(&cell));
-                }
-            }
-            Ok((values, hits))
+            let cells = sqlx::query_scalar::<_, Option<Vec<u8>>>(&sql).fetch(&mut *conn);
+            count_matching(cells, matches, db_err).await
         })
         .await
     }
