@@ -132,6 +132,24 @@ pub struct HsmConfig {
     /// `CARDVAULT_HSM_PIN` environment variable; never from argv.
     pub pin_file: Option<PathBuf>,
     pub max_sessions: usize,
+    /// Threads making HSM calls, at most `max_sessions`. Unset, one per
+    /// CPU (see [`HsmConfig::threads`]).
+    pub threads: Option<usize>,
+}
+
+impl HsmConfig {
+    /// Threads making HSM calls: as configured, else one per CPU (at most
+    /// `max_sessions`). One per CPU suits an HSM in the vault's process
+    /// (SoftHSM) or on a local bus, whose calls keep a core busy; a network
+    /// HSM, whose calls mostly wait, wants more.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(self.max_sessions)
+                .max(1)
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -207,6 +225,7 @@ impl Default for HsmConfig {
             token_label: "cardvault".to_string(),
             pin_file: None,
             max_sessions: 16,
+            threads: None,
         }
     }
 }
@@ -356,6 +375,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "hsm.max_sessions and db_max_connections must be at least 1".to_string(),
             ));
+        }
+        if self
+            .hsm
+            .threads
+            .is_some_and(|n| n == 0 || n > self.hsm.max_sessions)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "hsm.threads must be between 1 and hsm.max_sessions ({})",
+                self.hsm.max_sessions
+            )));
         }
         if self.crypto.seal_limit == 0 || self.crypto.seal_limit > crate::crypto::DEFAULT_SEAL_LIMIT
         {
@@ -689,6 +718,30 @@ mod tests {
         c.apply_env(|k| (k == "CARDVAULT_PUBLIC_URL").then(|| "https://v.example".to_string()))
             .unwrap();
         assert_eq!(c.hosted.public_url.as_deref(), Some("https://v.example"));
+    }
+
+    #[test]
+    fn hsm_threads_are_bounded_by_the_sessions() {
+        let mut c = Config {
+            dev: true,
+            ..Config::default()
+        };
+        c.hsm.max_sessions = 1;
+        assert_eq!(c.hsm.threads(), 1, "the default never exceeds the sessions");
+        c.validate().unwrap();
+        for (threads, valid) in [(0, false), (1, true), (2, false)] {
+            c.hsm.threads = Some(threads);
+            assert_eq!(c.validate().is_ok(), valid, "{threads} threads");
+        }
+        c.hsm.max_sessions = 16;
+        c.hsm.threads = Some(16);
+        c.validate().unwrap();
+        assert_eq!(c.hsm.threads(), 16);
+        let err = toml::from_str::<Config>("dev = true\n[hsm]\nthreads = 17\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("hsm.threads"), "{err}");
     }
 
     #[test]

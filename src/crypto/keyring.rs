@@ -17,6 +17,7 @@ use rustc_hash::FxHasher;
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::hsm_workers::HsmWorkers;
 use super::record::{self, NONCE_LEN, TAG_LEN};
 use super::{CryptoError, CryptoMode};
 use crate::domain::new_id;
@@ -39,6 +40,10 @@ const SEAL_PREFETCH_AT: u64 = SEAL_RESERVATION_BLOCK / 4;
 /// NIST SP 800-38D: at most 2^32 invocations of GCM with random 96-bit IVs
 /// under one key.
 pub const DEFAULT_SEAL_LIMIT: u64 = 1 << 32;
+
+/// Threads making HSM calls in [`KeyringConfig::default`] (the server
+/// takes `hsm.threads`, see [`crate::config::HsmConfig::threads`]).
+pub const DEFAULT_HSM_THREADS: usize = 2;
 
 /// What a data key is used for. Each purpose has its own keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,6 +119,8 @@ pub struct KeyringConfig {
     pub kek_label: String,
     /// Seals allowed per data key before a successor is made.
     pub seal_limit: u64,
+    /// Threads that make HSM calls (see [`super::hsm_workers`]).
+    pub hsm_threads: usize,
 }
 
 impl Default for KeyringConfig {
@@ -122,6 +129,7 @@ impl Default for KeyringConfig {
             mode: CryptoMode::Envelope,
             kek_label: "cardvault-kek-v1".to_string(),
             seal_limit: DEFAULT_SEAL_LIMIT,
+            hsm_threads: DEFAULT_HSM_THREADS,
         }
     }
 }
@@ -192,7 +200,7 @@ enum Slot {
 /// misses, reservations, rotations and `hsm` mode take the async slow paths,
 /// which are boxed so the fast path's futures stay small.
 pub struct Keyring {
-    custodian: Arc<dyn KeyCustodian>,
+    hsm: HsmWorkers,
     store: Arc<dyn KeyStore>,
     cfg: KeyringConfig,
     cache: RwLock<Cache>,
@@ -209,7 +217,7 @@ impl Keyring {
         cfg: KeyringConfig,
     ) -> Self {
         Keyring {
-            custodian,
+            hsm: HsmWorkers::new(custodian, cfg.hsm_threads),
             store,
             cfg,
             cache: RwLock::new(Cache::default()),
@@ -468,11 +476,7 @@ impl Keyring {
     {
         self.hsm_operations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let custodian = Arc::clone(&self.custodian);
-        tokio::task::spawn_blocking(move || f(custodian.as_ref()))
-            .await
-            .map_err(|e| CryptoError::Task(e.to_string()))?
-            .map_err(CryptoError::from)
+        self.hsm.run(f).await
     }
 
     /// The owner's current key for `purpose`: from the cache, else loaded

@@ -11,12 +11,13 @@
 //!
 //! In envelope mode a seal or open of a cached key makes no HSM call at all.
 
+mod hsm_workers;
 mod keyring;
 pub mod record;
 
 pub use keyring::{
     label_version, merchant_key_label, AuditMacKey, KeyOwner, Keyring, KeyringConfig, Purpose,
-    AUDIT_HSM_LABEL, DEFAULT_SEAL_LIMIT,
+    AUDIT_HSM_LABEL, DEFAULT_HSM_THREADS, DEFAULT_SEAL_LIMIT,
 };
 
 #[cfg(test)]

@@ -136,6 +136,7 @@ pub async fn vault_with(
             mode: cfg.crypto.mode,
             kek_label: cfg.crypto.kek_label.clone(),
             seal_limit: cfg.crypto.seal_limit,
+            hsm_threads: cfg.hsm.threads(),
         },
     ));
     keyring
