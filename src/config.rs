@@ -147,7 +147,6 @@ impl HsmConfig {
             std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .min(self.max_sessions)
-                .max(1)
         })
     }
 }

@@ -41,9 +41,10 @@ const SEAL_PREFETCH_AT: u64 = SEAL_RESERVATION_BLOCK / 4;
 /// under one key.
 pub const DEFAULT_SEAL_LIMIT: u64 = 1 << 32;
 
-/// Threads making HSM calls in [`KeyringConfig::default`] (the server
-/// takes `hsm.threads`, see [`crate::config::HsmConfig::threads`]).
-pub const DEFAULT_HSM_THREADS: usize = 2;
+/// Threads making HSM calls in [`KeyringConfig::default`] (tests and
+/// tools; the server takes `hsm.threads`, see
+/// [`crate::config::HsmConfig::threads`]).
+const DEFAULT_HSM_THREADS: usize = 2;
 
 /// What a data key is used for. Each purpose has its own keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

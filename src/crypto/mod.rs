@@ -17,7 +17,7 @@ pub mod record;
 
 pub use keyring::{
     label_version, merchant_key_label, AuditMacKey, KeyOwner, Keyring, KeyringConfig, Purpose,
-    AUDIT_HSM_LABEL, DEFAULT_HSM_THREADS, DEFAULT_SEAL_LIMIT,
+    AUDIT_HSM_LABEL, DEFAULT_SEAL_LIMIT,
 };
 
 #[cfg(test)]
