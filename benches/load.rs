@@ -445,8 +445,8 @@ fn main() {
             let base = format!("https://localhost:{}", server.port);
             let pid = server.child.id();
             println!("\n## {backend} / {mode}\n");
-            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | reads/query | CPU µs/req (server / PostgreSQL / client) | peak RSS MiB |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("| scenario | req/s | % of healthz | p50 ms | p90 ms | p99 ms | max ms | errors | HSM ops/req | writes/commit | writer ms/batch (units / flush / commit) | writer busy | reads/query | CPU µs/req (server / PostgreSQL / client) | peak RSS MiB |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             rt.block_on(async {
                 let clients: Vec<_> = (0..opts.connections)
                     .map(|_| client(&cert, server.port))
@@ -457,9 +457,11 @@ fn main() {
                 let mut drift = None;
                 for s in &opts.scenarios {
                     let before = counters(&clients[0], &base).await;
+                    let window = Instant::now();
                     let cpu_before = cpu_now(pid);
                     let o = run_scenario(s, &clients, &base, &sk, &fx, &opts, &pans).await;
                     let cpu_after = cpu_now(pid);
+                    let window = window.elapsed().as_secs_f64();
                     let after = counters(&clients[0], &base).await;
                     let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
                     let units = delta(&after, &before, "cardvault_db_write_units_total");
@@ -472,23 +474,37 @@ fn main() {
                         let reads = delta(&after, &before, "cardvault_db_batched_reads_total");
                         format!("{:.1}", reads / read_queries)
                     };
-                    // Writes per commit, and the writer's milliseconds per
-                    // batch in its three phases (units / flush / commit).
-                    let (per_commit, batch_ms) = if batches == 0.0 {
-                        ("-".to_string(), "-".to_string())
+                    // Writes per commit, the writer's milliseconds per
+                    // batch in its three phases (units / flush / commit),
+                    // and the share of the scenario's time it spent in
+                    // them: near 100%, the one writer is what limits the
+                    // scenario's writes.
+                    let (per_commit, batch_ms, busy) = if batches == 0.0 {
+                        ("-".to_string(), "-".to_string(), "-".to_string())
                     } else {
                         let phase = |p: &str| {
                             let name = format!("cardvault_db_write_seconds_total{{phase=\"{p}\"}}");
-                            1e3 * delta(&after, &before, &name) / batches
+                            delta(&after, &before, &name)
                         };
+                        let [units_s, flush_s, commit_s] = [phase("units"), phase("flush"), phase("commit")];
+                        let busy = (units_s + flush_s + commit_s) / window;
+                        // One writer per storage: it cannot be busy for
+                        // much longer than the window it was measured over
+                        // (a background batch that began before the window
+                        // and ended in it counts whole).
+                        assert!(
+                            !opts.smoke || busy <= 1.25,
+                            "{s}: writer busy {busy:.3} of the scenario's time"
+                        );
                         (
                             format!("{:.1}", units / batches),
                             format!(
                                 "{:.2} / {:.2} / {:.2}",
-                                phase("units"),
-                                phase("flush"),
-                                phase("commit")
+                                1e3 * units_s / batches,
+                                1e3 * flush_s / batches,
+                                1e3 * commit_s / batches
                             ),
+                            format!("{:.0}%", 100.0 * busy),
                         )
                     };
                     // CPU per request: unlike req/s, it hardly moves with
@@ -525,7 +541,7 @@ fn main() {
                         drift = healthz.map(|h| (h, rps));
                     }
                     println!(
-                        "| {name} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {per_query} | {cpu} | {:.0} |",
+                        "| {name} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {busy} | {per_query} | {cpu} | {:.0} |",
                         pct(&l, 0.50),
                         pct(&l, 0.90),
                         pct(&l, 0.99),
