@@ -454,7 +454,7 @@ fn main() {
                 let fx = provision(&clients[0], &base, &sk, opts.connections).await;
                 let pans = Arc::new(AtomicU64::new(0));
                 let mut healthz = None;
-                let mut drift = None;
+                let mut closing_healthz = None;
                 for s in &opts.scenarios {
                     let before = counters(&clients[0], &base).await;
                     let window = Instant::now();
@@ -486,7 +486,8 @@ fn main() {
                             let name = format!("cardvault_db_write_seconds_total{{phase=\"{p}\"}}");
                             delta(&after, &before, &name)
                         };
-                        let [units_s, flush_s, commit_s] = [phase("units"), phase("flush"), phase("commit")];
+                        let (units_s, flush_s, commit_s) =
+                            (phase("units"), phase("flush"), phase("commit"));
                         let busy = (units_s + flush_s + commit_s) / window;
                         // One writer per storage: it cannot be busy for
                         // much longer than the window it was measured over
@@ -538,7 +539,7 @@ fn main() {
                         .unwrap_or_else(|| "-".into());
                     let name = if again { "healthz (again)" } else { s.as_str() };
                     if again {
-                        drift = healthz.map(|h| (h, rps));
+                        closing_healthz = Some(rps);
                     }
                     println!(
                         "| {name} | {rps:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {per_commit} | {batch_ms} | {busy} | {per_query} | {cpu} | {:.0} |",
@@ -551,7 +552,7 @@ fn main() {
                         peak_rss_kib(pid) as f64 / 1024.0
                     );
                 }
-                if let Some((first, last)) = drift {
+                if let (Some(first), Some(last)) = (healthz, closing_healthz) {
                     let moved = 100.0 * (last / first - 1.0);
                     if moved.abs() > DRIFT_PERCENT {
                         println!(
