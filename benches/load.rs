@@ -457,11 +457,11 @@ fn main() {
                 let mut closing_healthz = None;
                 for s in &opts.scenarios {
                     let before = counters(&clients[0], &base).await;
-                    let window = Instant::now();
+                    let started = Instant::now();
                     let cpu_before = cpu_now(pid);
                     let o = run_scenario(s, &clients, &base, &sk, &fx, &opts, &pans).await;
                     let cpu_after = cpu_now(pid);
-                    let window = window.elapsed().as_secs_f64();
+                    let window_s = started.elapsed().as_secs_f64();
                     let after = counters(&clients[0], &base).await;
                     let hsm = delta(&after, &before, "cardvault_hsm_operations_total");
                     let units = delta(&after, &before, "cardvault_db_write_units_total");
@@ -488,7 +488,7 @@ fn main() {
                         };
                         let (units_s, flush_s, commit_s) =
                             (phase("units"), phase("flush"), phase("commit"));
-                        let busy = (units_s + flush_s + commit_s) / window;
+                        let busy = (units_s + flush_s + commit_s) / window_s;
                         // One writer per storage: it cannot be busy for
                         // much longer than the window it was measured over
                         // (a background batch that began before the window
